@@ -1,0 +1,48 @@
+"""Typed records that flow from an engine to the writers and the job store."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """One word with its time span in seconds from the start of the file."""
+
+    start: float
+    end: float
+    text: str
+    probability: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A stretch of speech with its text; times are seconds from the start of the file."""
+
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+    compression_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """What an engine returns for one file."""
+
+    language: str
+    segments: tuple[Segment, ...]
+    duration: float
+    task: str = "transcribe"
+    language_probability: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text.strip() for s in self.segments if s.text.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

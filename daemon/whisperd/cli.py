@@ -1,0 +1,103 @@
+"""Command line: `whisperd transcribe`, `fetch-model`, `import-model` (and the daemon commands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from whisperd.options import DEVICES, OUTPUT_FORMATS, PRECISIONS, TASKS, DecodeOptions, EngineSettings
+
+
+def parse_formats(value: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower() for f in value.split(",") if f.strip())
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"output formats must be a comma list of {', '.join(OUTPUT_FORMATS)}")
+    return formats
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id, transformers dir or CTranslate2 dir (default openai/whisper-base)")
+    parser.add_argument("--device", choices=DEVICES)
+    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
+    parser.add_argument("--cpu-embedding", action="store_true", default=None, help="keep embeddings on the CPU (Intel iGPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whisperd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("transcribe", help="transcribe files once and write outputs next to them")
+    tr.add_argument("files", nargs="+", type=Path)
+    add_engine_arguments(tr)
+    tr.add_argument("--language", default="auto", help="auto, a code (zh) or a name (chinese)")
+    tr.add_argument("--task", choices=TASKS, default="transcribe")
+    tr.add_argument("--initial-prompt")
+    tr.add_argument("--output-format", type=parse_formats, default=("txt", "srt"), help="comma list: txt,srt,vtt,json")
+
+    fm = sub.add_parser("fetch-model", help="obtain a model and print its local transformers directory")
+    fm.add_argument("name")
+
+    im = sub.add_parser("import-model", help="convert a CTranslate2 (faster-whisper) model to a transformers directory")
+    im.add_argument("ct2_dir", type=Path)
+    im.add_argument("out_dir", type=Path)
+    return parser
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from whisperd.audio import AudioDecodeError
+    from whisperd.engine import create_engine
+    from whisperd.engine.transformers_backend import TranscriptionError
+    from whisperd.transcribe_file import transcribe_file
+
+    options = DecodeOptions(language=args.language, task=args.task, initial_prompt=args.initial_prompt)
+    settings = EngineSettings().with_overrides(
+        model=args.model, device=args.device, precision=args.precision, threads=args.threads,
+        cpu_embedding=args.cpu_embedding,
+    )
+    engine = create_engine(settings)
+    failed = 0
+    for path in args.files:
+        try:
+            result = transcribe_file(engine, path, options, args.output_format)
+        except (AudioDecodeError, TranscriptionError, OSError) as exc:
+            failed += 1
+            print(f"FAILED {path}: {exc}", flush=True)
+            continue
+        print(f"ok {result.summary()}", flush=True)
+    return 1 if failed else 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from whisperd.models import fetch_model
+
+    print(fetch_model(args.name))
+    return 0
+
+
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from whisperd.models import import_ct2_model
+
+    print(import_ct2_model(args.ct2_dir, args.out_dir))
+    return 0
+
+
+COMMANDS = {"transcribe": cmd_transcribe, "fetch-model": cmd_fetch_model, "import-model": cmd_import_model}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, LookupError, OSError) as exc:
+        # Settings errors (bad precision for the device, unknown language, missing model) end here.
+        print(f"whisperd: error: {exc}", file=sys.stderr)
+        return 2

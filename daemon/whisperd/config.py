@@ -1,0 +1,110 @@
+"""The daemon's YAML configuration, validated up front with messages that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from whisperd.options import DEVICES, PRECISIONS, EngineSettings
+from whisperd.rules import RuleSet, describe_validation_error
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InboxConfig(_Strict):
+    path: Path
+    recursive: bool = True
+    poll: bool = Field(False, description="use polling instead of inotify (NFS/SMB shares deliver no events)")
+    rules: RuleSet = RuleSet()
+
+
+class EngineConfig(_Strict):
+    model: str = "openai/whisper-medium"
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    cpu_embedding: bool = False
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in DEVICES:
+            raise ValueError(f"use one of {', '.join(DEVICES)}")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"use one of {', '.join(PRECISIONS)}")
+        return v
+
+    def settings(self) -> EngineSettings:
+        return EngineSettings(**self.model_dump())
+
+
+class JobConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, description="tries before a job is marked failed")
+    retry_backoff_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each attempt")
+    timeout_base_seconds: float = Field(120.0, gt=0)
+    timeout_per_audio_second: float = Field(2.0, gt=0, description="per-job timeout = base + this x audio length")
+
+    def timeout_for(self, audio_seconds: float | None) -> float:
+        # Unknown length (probe failed): allow an hour of audio.
+        return self.timeout_base_seconds + self.timeout_per_audio_second * (audio_seconds if audio_seconds else 3600.0)
+
+
+class DaemonConfig(_Strict):
+    inboxes: list[InboxConfig] = Field(min_length=1)
+    engine: EngineConfig = EngineConfig()
+    jobs: JobConfig = JobConfig()
+    state_dir: Path = Path("/var/lib/whisperd")
+    settle_seconds: float = Field(2.0, ge=0)
+    rescan_seconds: float = Field(300.0, gt=0)
+    stop_timeout_seconds: float = Field(60.0, gt=0, description="on SIGTERM, wait this long for the running job")
+    watchdog_seconds: float | None = Field(None, gt=0, description="defaults to systemd's WATCHDOG_USEC / 2")
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "jobs.sqlite3"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in the config are relative to the config file's folder, not the working directory."""
+    for inbox in data.get("inboxes") or []:
+        if isinstance(inbox, dict) and "path" in inbox:
+            inbox["path"] = str((base / Path(inbox["path"]).expanduser()).resolve())
+    if "state_dir" in data:
+        data["state_dir"] = str((base / Path(data["state_dir"]).expanduser()).resolve())
+    return data
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> DaemonConfig:
+    """Read and validate the config; `overrides` replaces engine keys (from CLI flags)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with at least 'inboxes'")
+    data = _resolve_paths(data, path.parent.resolve())
+    if overrides:
+        data["engine"] = {**(data.get("engine") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(str(path), exc)) from None

@@ -1,0 +1,34 @@
+"""Inference engines behind one small interface, so a backend can be swapped without touching the daemon."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from whisperd.options import DecodeOptions, EngineSettings
+from whisperd.transcript import Transcript
+
+
+class Engine(Protocol):
+    """A loaded model that turns 16 kHz mono float32 samples into a Transcript."""
+
+    settings: EngineSettings
+    device: str
+
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+def create_engine(settings: EngineSettings) -> Engine:
+    """Validate the settings (cheap, before any weights load), then load the model once."""
+    from whisperd.devices import check_settings
+
+    plan = check_settings(settings.device, settings.precision)
+    from whisperd.engine.transformers_backend import TransformersEngine
+
+    return TransformersEngine(settings, plan)
+
+
+__all__ = ["Engine", "create_engine"]

@@ -1,0 +1,207 @@
+"""Whisper through transformers, with ipex-llm low-bit weights on Intel GPUs and CPUs.
+
+The model is loaded once and reused for every file. The only device-specific step is the final
+`.to(device)`: the CPU path runs the same code as the Intel GPU (xpu) and CUDA paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from whisperd.devices import LoadPlan
+from whisperd.languages import AUTO
+from whisperd.options import DecodeOptions, EngineSettings
+from whisperd.transcript import Segment, Transcript
+
+log = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16000
+WINDOW_SAMPLES = 30 * SAMPLING_RATE
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TranscriptionError(RuntimeError):
+    """A file could not be decoded by the model for a reason the user can act on."""
+
+
+def load_whisper(model_dir: Path, plan: LoadPlan, cpu_embedding: bool = False) -> torch.nn.Module:
+    """Load the weights as the plan says: ipex-llm low-bit (Intel's documented route) or plain torch."""
+    if plan.use_ipex_llm:
+        # ipex-llm's last-lm-head shortcut drops the logits that no-speech detection reads (IndexError).
+        os.environ.setdefault("IPEX_LLM_LAST_LM_HEAD", "0")
+        from ipex_llm.transformers import AutoModelForSpeechSeq2Seq
+
+        model = AutoModelForSpeechSeq2Seq.from_pretrained(
+            str(model_dir),
+            load_in_low_bit=plan.precision,
+            optimize_model=False,
+            use_cache=True,
+            cpu_embedding=cpu_embedding,
+            modules_to_not_convert=["proj_out"],
+        )
+    else:
+        from transformers import WhisperForConditionalGeneration
+
+        model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=TORCH_DTYPES[plan.precision])
+    if plan.device != "cpu":
+        model = model.to(plan.device)
+    model.config.forced_decoder_ids = None
+    model.generation_config.forced_decoder_ids = None
+    return model.eval()
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the encoder's first convolution expects (bf16 weights need bf16 features)."""
+    return model.get_encoder().conv1.weight.dtype
+
+
+class TransformersEngine:
+    """Long-lived Whisper model; `transcribe` is called once per file."""
+
+    def __init__(self, settings: EngineSettings, plan: LoadPlan) -> None:
+        from transformers import WhisperProcessor
+
+        from whisperd.models import resolve_model
+
+        self.settings = settings
+        self.plan = plan
+        self.device = plan.device
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        started = time.perf_counter()
+        self.model_dir = resolve_model(settings.model)
+        self.processor = WhisperProcessor.from_pretrained(str(self.model_dir))
+        self.model = load_whisper(self.model_dir, plan, settings.cpu_embedding)
+        self.load_seconds = time.perf_counter() - started
+        self.generation_config = self.model.generation_config
+        self.is_multilingual = bool(getattr(self.generation_config, "is_multilingual", False)) and bool(
+            getattr(self.generation_config, "lang_to_id", None)
+        )
+        self.feature_dtype = input_dtype(self.model)
+        log.info("model loaded", extra={"model_dir": str(self.model_dir), "seconds": round(self.load_seconds, 2)})
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": "transformers",
+            "model": self.settings.model,
+            "model_dir": str(self.model_dir),
+            "device": self.device,
+            "precision": self.plan.precision,
+            "ipex_llm": self.plan.use_ipex_llm,
+        }
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+        duration = len(audio) / SAMPLING_RATE
+        if len(audio) == 0:
+            return Transcript(language=options.language, segments=(), duration=0.0, task=options.task)
+        language, probability = self._choose_language(audio, options.language)
+        self._check_task(language, options.task)
+        segments = self._generate(audio, language, options)
+        return Transcript(
+            language=language,
+            language_probability=probability,
+            segments=tuple(clip_segments(segments, duration)),
+            duration=duration,
+            task=options.task,
+            settings={**self.describe(), "language": options.language, "task": options.task},
+        )
+
+    def _check_task(self, language: str, task: str) -> None:
+        if self.is_multilingual:
+            return
+        if language != "en":
+            raise TranscriptionError(f"model {self.settings.model} is English-only and cannot transcribe {language!r}")
+        if task == "translate":
+            raise TranscriptionError(f"model {self.settings.model} is English-only and cannot translate")
+
+    def _choose_language(self, audio: np.ndarray, requested: str) -> tuple[str, float | None]:
+        if not self.is_multilingual:
+            return "en", None
+        if requested != AUTO:
+            return requested, None
+        return self.detect_language(audio[:WINDOW_SAMPLES])
+
+    def detect_language(self, audio: np.ndarray) -> tuple[str, float]:
+        """Most likely language of up to 30 s of audio, and its probability."""
+        features = self._features(audio, long_form=False)["input_features"]
+        lang_to_id: dict[str, int] = self.generation_config.lang_to_id
+        ids = torch.tensor(list(lang_to_id.values()), device=self.device)
+        start = torch.tensor([[self.generation_config.decoder_start_token_id]], device=self.device)
+        with torch.inference_mode():
+            encoded = self.model.get_encoder()(features)
+            logits = self.model(encoder_outputs=encoded, decoder_input_ids=start).logits[0, -1]
+            probs = torch.softmax(logits[ids].float(), dim=-1)
+        best = int(torch.argmax(probs))
+        token = list(lang_to_id)[best]
+        return token.strip("<|>"), float(probs[best])
+
+    def _features(self, audio: np.ndarray, long_form: bool) -> dict[str, torch.Tensor]:
+        if long_form:
+            inputs = self.processor(
+                audio,
+                sampling_rate=SAMPLING_RATE,
+                return_tensors="pt",
+                truncation=False,
+                padding="longest",
+                return_attention_mask=True,
+            )
+        else:
+            inputs = self.processor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True)
+        out = {"input_features": inputs.input_features.to(self.device, dtype=self.feature_dtype)}
+        if "attention_mask" in inputs:
+            out["attention_mask"] = inputs.attention_mask.to(self.device)
+        return out
+
+    def _generate(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
+        long_form = len(audio) > WINDOW_SAMPLES
+        inputs = self._features(audio, long_form=long_form)
+        kwargs = self._generate_kwargs(language, options)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        return [self._segment(raw) for raw in output["segments"][0]]
+
+    def _generate_kwargs(self, language: str, options: DecodeOptions) -> dict[str, Any]:
+        temperatures = options.temperatures
+        kwargs: dict[str, Any] = {
+            "return_timestamps": True,
+            "return_segments": True,
+            "condition_on_prev_tokens": options.condition_on_previous_text,
+            "temperature": temperatures if len(temperatures) > 1 else temperatures[0],
+            "compression_ratio_threshold": options.compression_ratio_threshold,
+            "logprob_threshold": options.logprob_threshold,
+            "no_speech_threshold": options.no_speech_threshold if options.logprob_threshold is not None else None,
+            "num_beams": options.beam_size,
+        }
+        if self.is_multilingual:
+            kwargs["language"] = language
+            kwargs["task"] = options.task
+        if options.initial_prompt:
+            kwargs["prompt_ids"] = self.processor.get_prompt_ids(options.initial_prompt, return_tensors="pt").to(self.device)
+        return kwargs
+
+    def _segment(self, raw: dict[str, Any]) -> Segment:
+        text = self.processor.tokenizer.decode(raw["tokens"], skip_special_tokens=True)
+        return Segment(start=float(raw["start"]), end=float(raw["end"]), text=text.strip())
+
+
+def clip_segments(segments: list[Segment], duration: float) -> list[Segment]:
+    """Drop empty segments and keep every time inside [0, duration], start <= end, in order."""
+    out: list[Segment] = []
+    last_end = 0.0
+    for seg in segments:
+        if not seg.text:
+            continue
+        start = min(max(seg.start, last_end, 0.0), duration)
+        end = min(max(seg.end, start), duration)
+        out.append(Segment(start=start, end=end, text=seg.text, words=seg.words))
+        last_end = end
+    return out

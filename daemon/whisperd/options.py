@@ -1,0 +1,56 @@
+"""Settings for loading a model (EngineSettings) and for decoding one file (DecodeOptions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from whisperd.languages import normalize_language
+
+Device = Literal["auto", "xpu", "cuda", "cpu"]
+Task = Literal["transcribe", "translate"]
+
+DEVICES: tuple[str, ...] = ("auto", "xpu", "cuda", "cpu")
+TASKS: tuple[str, ...] = ("transcribe", "translate")
+PRECISIONS: tuple[str, ...] = (
+    "auto", "fp32", "bf16", "fp16", "sym_int4", "asym_int4", "sym_int8", "woq_int4", "nf4", "fp4", "fp6", "fp8",
+)
+OUTPUT_FORMATS: tuple[str, ...] = ("txt", "srt", "vtt", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """How to load the model; changing any of these means loading it again."""
+
+    model: str = "openai/whisper-base"
+    device: str = "auto"
+    precision: str = "auto"
+    cpu_embedding: bool = False
+    threads: int | None = None
+    batch_size: int = 8
+
+    def with_overrides(self, **changes: object) -> EngineSettings:
+        """Copy with the given fields replaced; None values are ignored (unset CLI flags)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """How to decode one file; these come from folder rules and may differ per job."""
+
+    language: str = "auto"
+    task: str = "transcribe"
+    initial_prompt: str | None = None
+    beam_size: int = 1
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+    word_timestamps: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "language", normalize_language(self.language))
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")

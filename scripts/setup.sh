@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv with the tested dependency set and fetch the default model.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   runtime + test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+reqs=(requirements/runtime.txt)
+[[ "${1:-}" == "--test" ]] && reqs+=(requirements/test.txt)
+
+if [[ ! -x .venv/bin/python ]]; then
+    "$python" -m venv .venv
+fi
+
+# Skip pip when nothing it reads has changed since the last successful install.
+stamp=.venv/.whisperd-installed
+want=$(cat "${reqs[@]}" requirements/ipex-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+    args=()
+    for r in "${reqs[@]}"; do args+=(-r "$r"); done
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}"
+    # ipex-llm's declared extras pin torch 2.1 builds that PyPI does not carry.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/ipex-nodeps.txt
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+    echo "$want" >"$stamp"
+fi
+
+.venv/bin/whisperd fetch-model "${WHISPERD_SETUP_MODEL:-openai/whisper-base}" >/dev/null

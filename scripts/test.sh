@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (venv, model, evaluation clips) and run the test suite. Extra arguments go to pytest,
+# e.g. `scripts/test.sh -m "not slow"` for the fast set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+exec .venv/bin/python -m pytest "$@"

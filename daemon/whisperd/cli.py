@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     fm = sub.add_parser("fetch-model", help="obtain a model and print its local transformers directory")
     fm.add_argument("name")
+
+    run = sub.add_parser("run", help="run the daemon: watch the inboxes and transcribe what arrives")
+    run.add_argument("--config", type=Path, required=True)
+    add_engine_arguments(run)
+
+    st = sub.add_parser("status", help="queue counts, the running job and recent failures")
+    st.add_argument("--config", type=Path, help="daemon config (its state_dir is read)")
+    st.add_argument("--state-dir", type=Path, help="read this state directory instead")
+    st.add_argument("--failures", type=int, default=10, help="how many recent failures to list")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cc = sub.add_parser("check-config", help="validate a daemon config and the rule files under its inboxes")
+    cc.add_argument("config", type=Path)
 
     im = sub.add_parser("import-model", help="convert a CTranslate2 (faster-whisper) model to a transformers directory")
     im.add_argument("ct2_dir", type=Path)
@@ -87,14 +101,66 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"transcribe": cmd_transcribe, "fetch-model": cmd_fetch_model, "import-model": cmd_import_model}
+def engine_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {k: getattr(args, k) for k in ("model", "device", "precision", "threads", "cpu_embedding")
+            if getattr(args, k, None) is not None}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from whisperd.service import Daemon
+
+    return Daemon(args.config, engine_overrides(args)).run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from whisperd.config import load_config
+    from whisperd.status import collect_status, format_status
+
+    if args.state_dir is None and args.config is None:
+        print("whisperd: error: give --config or --state-dir", file=sys.stderr)
+        return 2
+    state_dir = args.state_dir or load_config(args.config).state_dir
+    report = collect_status(state_dir, failures=args.failures)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from whisperd.checks import check_config
+
+    problems = check_config(args.config)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{args.config}: ok")
+    return 1 if problems else 0
+
+
+COMMANDS = {
+    "transcribe": cmd_transcribe,
+    "run": cmd_run,
+    "status": cmd_status,
+    "check-config": cmd_check_config,
+    "fetch-model": cmd_fetch_model,
+    "import-model": cmd_import_model,
+}
+
+
+def quiet_library_warnings() -> None:
+    """transformers prints deprecation notes on every generate(); users of a CLI cannot act on them."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "run":  # the daemon sets up structured logging from its config
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        quiet_library_warnings()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, LookupError, OSError) as exc:

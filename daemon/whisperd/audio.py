@@ -1,0 +1,330 @@
+"""Decode any audio (or video) file into the 16 kHz mono float32 waveform Whisper expects.
+
+We use PyAV because its wheels bundle ffmpeg: the daemon needs no system ffmpeg, and
+every format ffmpeg reads (wav, flac, mp3, ogg/vorbis, ogg/opus, m4a/aac, video files
+with a sound track, ...) works the same way. The approach follows faster-whisper's
+``decode_audio`` (demux -> decode -> ffmpeg resampler -> numpy) with these changes
+that matter for a daemon fed by users' inbox folders:
+
+* bad input raises :class:`AudioDecodeError`, whose message names the file and says
+  what is wrong in words, instead of a bare ``av.error.*`` or an empty array;
+* damage in the middle of a file does not throw away the good part: undecodable
+  packets are skipped, a demuxer error ends decoding early, and what was decoded is
+  returned with a ``logging`` warning (only a file that yields no audio raises);
+* memory stays near one copy of the output: packets are read from disk one at a
+  time, the resampler emits float32 directly (no s16 round trip), and its output is
+  written into one array preallocated from the header's duration;
+* multichannel audio is downmixed with a normalised matrix, (L + R) / 2 for stereo,
+  as ``ffmpeg -ac 1`` does (see :class:`_ResampleGroup` for why not
+  ``av.AudioResampler``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import av
+import av.filter
+import numpy as np
+
+__all__ = ["MIN_DECODED_SECONDS", "AudioDecodeError", "decode_audio", "probe_duration"]
+
+log = logging.getLogger(__name__)
+
+# Less decoded audio than this is an error, not a result: nothing can be said in it,
+# and it is what a file cut off just after its header decodes to (a WAV truncated to
+# 200 bytes still yields a few ms). An empty transcript would hide the damage.
+MIN_DECODED_SECONDS = 0.1
+
+# Input samples per resampler call (~1.4 s at 48 kHz, 0.5 MB as stereo float): see
+# _ResampleGroup for why frames are batched at all.
+_BATCH_SAMPLES = 1 << 16
+
+# Cap on trusting the header for preallocation (a damaged header can claim days);
+# longer files simply grow the buffer.
+_MAX_PREALLOCATED_SECONDS = 4 * 3600
+
+
+class AudioDecodeError(Exception):
+    """A file could not be turned into audio; ``str(err)`` is ``"<file name>: <reason>"``.
+
+    ``path`` is the file, ``reason`` the human explanation without the file name, so
+    callers can log, show or store either part.
+    """
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path.name}: {reason}")
+
+
+def decode_audio(path: Path | str, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio stream of ``path`` to mono float32 in [-1, 1] at ``sampling_rate``.
+
+    Channels are downmixed and the rate converted by ffmpeg (libswresample). Raises
+    :class:`AudioDecodeError` for a missing, empty or non-media file, a file without
+    an audio stream, and a file that yields less than :data:`MIN_DECODED_SECONDS` of
+    audio. A file damaged part-way returns the audio decoded around the damage and
+    logs a warning, because a partial transcript of a long recording beats none.
+    """
+    path = Path(path)
+    _check_readable(path)
+    try:
+        container = av.open(str(path), mode="r", metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise AudioDecodeError(path, _open_failure_reason(path, exc)) from exc
+
+    skipped_packets = 0
+    packet_error: Exception | None = None
+    stopped_by: Exception | None = None
+    with container:
+        if not container.streams.audio:
+            kinds = ", ".join(sorted({str(s.type) for s in container.streams})) or "no streams at all"
+            raise AudioDecodeError(path, f"no audio stream (found: {kinds})")
+        stream = container.streams.audio[0]
+        declared = _declared_seconds(container, stream)
+        out = _Buffer(int(min(declared or 30.0, _MAX_PREALLOCATED_SECONDS) * sampling_rate * 1.01) + sampling_rate)
+
+        group: _ResampleGroup | None = None
+        try:
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as exc:
+                    # One corrupt packet (bad CRC, garbage between mp3 frames, ...):
+                    # skip it like ffmpeg's command line does and keep going.
+                    skipped_packets += 1
+                    packet_error = exc
+                    continue
+                for frame in frames:
+                    if not isinstance(frame, av.AudioFrame):
+                        continue
+                    if group is None or not group.accepts(frame):
+                        # First frame, or the parameters changed mid-stream
+                        # (concatenated mp3s, HE-AAC switching, ...): a resampler is
+                        # fixed to its first frame's, so finish it and start afresh.
+                        if group is not None:
+                            group.finish(out)
+                        group = _ResampleGroup(frame, sampling_rate)
+                    group.add(frame, out)
+        except (av.error.FFmpegError, OSError) as exc:
+            # The demuxer itself failed (truncated container, I/O error): nothing after
+            # this point is reachable, so stop and keep what we have.
+            stopped_by = exc
+        if group is not None:
+            group.finish(out)
+
+    audio = out.finish()
+    decoded = audio.size / sampling_rate
+    if decoded < MIN_DECODED_SECONDS:
+        raise AudioDecodeError(path, _too_short_reason(decoded, declared, skipped_packets, packet_error, stopped_by))
+
+    problems = []
+    if skipped_packets:
+        problems.append(f"skipped {skipped_packets} corrupt packet(s)")
+    if stopped_by is not None:
+        problems.append(f"stopped early ({_ffmpeg_message(stopped_by)})")
+    if declared is not None and decoded < declared - max(1.0, 0.1 * declared):
+        # Silent truncation (a copy cut short) shows only here. Header durations of
+        # VBR mp3s without an index are bitrate estimates, hence the wide margin.
+        problems.append(f"the header says {declared:.2f} s (truncated?)")
+    if problems:
+        log.warning("%s: damaged audio, %s; using the %.2f s that decoded", path.name, "; ".join(problems), decoded)
+    return audio
+
+
+def probe_duration(path: Path | str) -> float | None:
+    """Duration in seconds from the container header, without decoding; ``None`` if unknown.
+
+    Meant for timeouts and queue estimates, so it never raises: a file that cannot be
+    opened, or a stream that carries no duration, gives ``None``. For formats without
+    an index (e.g. mp3 without a Xing header, raw ADTS) ffmpeg estimates from the
+    bitrate, which can be off by a few percent.
+    """
+    try:
+        with av.open(str(path), mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.audio[0] if container.streams.audio else None
+            seconds = _declared_seconds(container, stream)
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    return seconds
+
+
+def _check_readable(path: Path) -> None:
+    """Turn the common filesystem problems into clear errors before ffmpeg sees them."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise AudioDecodeError(path, "file not found") from None
+    except OSError as exc:
+        raise AudioDecodeError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if path.is_dir():
+        raise AudioDecodeError(path, "is a directory, not an audio file")
+    if st.st_size == 0 and path.is_file():
+        raise AudioDecodeError(path, "empty file (0 bytes)")
+
+
+# Leading bytes of common containers, to tell "damaged X" from "not media at all"
+# when ffmpeg gives the same InvalidDataError for both.
+_MAGIC: list[tuple[int, bytes, str]] = [
+    (4, b"ftyp", "MP4/M4A/MOV"),
+    (0, b"RIFF", "WAV/RIFF"),
+    (0, b"OggS", "Ogg"),
+    (0, b"fLaC", "FLAC"),
+    (0, b"ID3", "MP3"),
+    (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
+    (0, b"FORM", "AIFF"),
+    (0, b"caff", "CAF"),
+    (0, b"#!AMR", "AMR"),
+    (0, b"0&\xb2u", "ASF/WMA"),
+]
+
+
+def _open_failure_reason(path: Path, exc: av.error.FFmpegError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        head = b""
+    kind = next((name for offset, magic, name in _MAGIC if head[offset : offset + len(magic)] == magic), None)
+    if kind is not None:
+        # Typically a recording cut off before it was finalised (an MP4 whose index
+        # was never written) or a partial copy.
+        return f"damaged or incomplete {kind} file (ffmpeg could not read its header: {_ffmpeg_message(exc)})"
+    if isinstance(exc, (av.error.InvalidDataError, av.error.DemuxerNotFoundError, av.error.EOFError)):
+        return "not an audio file (ffmpeg could not find a known format)"
+    return f"cannot open ({_ffmpeg_message(exc)})"
+
+
+def _too_short_reason(
+    decoded: float,
+    declared: float | None,
+    skipped_packets: int,
+    packet_error: Exception | None,
+    stopped_by: Exception | None,
+) -> str:
+    what = "no audio could be decoded" if decoded == 0 else f"only {decoded * 1000:.0f} ms of audio could be decoded"
+    if declared is not None and declared >= MIN_DECODED_SECONDS:
+        return f"{what} although the header says {declared:.2f} s (truncated or damaged file)"
+    if stopped_by is not None:
+        return f"{what} ({_ffmpeg_message(stopped_by)})"
+    if packet_error is not None:
+        return f"{what} ({skipped_packets} bad packet(s): {_ffmpeg_message(packet_error)})"
+    return f"{what} (empty recording, or a truncated file)"
+
+
+def _ffmpeg_message(exc: Exception) -> str:
+    """The human part of a PyAV error, without the errno and file name it repeats."""
+    strerror = getattr(exc, "strerror", None)
+    return strerror or str(exc) or type(exc).__name__
+
+
+def _declared_seconds(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream | None
+) -> float | None:
+    """Duration the file claims: the audio stream's own if it has one, else the container's."""
+    if stream is not None and stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+class _Buffer:
+    """Growable float32 array, sized up front from the header's duration.
+
+    Writing frames straight into one preallocated array (grown and finally trimmed
+    in place with ``ndarray.resize``, which glibc does by ``mremap`` for large
+    arrays) keeps peak memory near one copy of the output. Collecting chunks and
+    concatenating them would need two.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.array = np.empty(max(capacity, 1), dtype=np.float32)
+        self.size = 0
+
+    def append(self, frame: av.AudioFrame) -> None:
+        samples = frame.to_ndarray().reshape(-1)  # "flt" mono: one packed plane
+        end = self.size + samples.size
+        if end > self.array.size:
+            self.array.resize(max(end, int(self.array.size * 1.5)), refcheck=False)
+        self.array[self.size : end] = samples
+        self.size = end
+
+    def finish(self) -> np.ndarray:
+        audio, self.array = self.array, np.empty(0, dtype=np.float32)
+        audio.resize(self.size, refcheck=False)
+        np.clip(audio, -1.0, 1.0, out=audio)  # float decoders (aac, vorbis, opus) can overshoot
+        return audio
+
+
+class _ResampleGroup:
+    """Frames of one format, batched through an ``AudioFifo`` into one resampling graph.
+
+    The graph holds the ``aresample`` filter that ``av.AudioResampler`` also ends up
+    with, plus one option ``av.AudioResampler`` cannot pass: ``rematrix_maxval=1``.
+    Without it, libswresample does not normalise its downmix matrix for float output,
+    so stereo becomes 0.707 * (L + R): 3 dB louder than the (L + R) / 2 that
+    ``ffmpeg -ac 1`` (OpenAI Whisper) and faster-whisper's s16 path produce, and
+    clipped when both channels are loud. With it, float output gets the same
+    normalised mix, unquantised.
+
+    Batching (as faster-whisper does) matters with PyAV < 17.1, which leaks ~100 bytes
+    per graph pull that ends in EAGAIN (PyAV issue #2282, fixed by PR #2283):
+    resampling every 20 ms frame leaks ~15 MB per hour of audio decoded (measured
+    with av 16.0.1), which a long-running daemon cannot afford. Batches of
+    ``_BATCH_SAMPLES`` make it negligible (~0.3 MB/hour) and are faster; larger
+    ones only raise peak memory.
+    """
+
+    def __init__(self, frame: av.AudioFrame, sampling_rate: int) -> None:
+        self.key = self._key(frame)
+        self.fifo = av.AudioFifo()
+        self.graph = av.filter.Graph()
+        source = self.graph.add(
+            "abuffer",
+            sample_rate=str(frame.sample_rate),
+            sample_fmt=frame.format.name,
+            channel_layout=frame.layout.name,
+            time_base=f"1/{frame.sample_rate}",
+        )
+        convert = self.graph.add("aresample", f"osr={sampling_rate}:ochl=mono:osf=flt:rematrix_maxval=1.0")
+        sink = self.graph.add("abuffersink")
+        source.link_to(convert)
+        convert.link_to(sink)
+        self.graph.configure()
+
+    @staticmethod
+    def _key(frame: av.AudioFrame) -> tuple[str, str, int]:
+        return frame.format.name, frame.layout.name, frame.sample_rate
+
+    def accepts(self, frame: av.AudioFrame) -> bool:
+        return self._key(frame) == self.key
+
+    def add(self, frame: av.AudioFrame, out: _Buffer) -> None:
+        frame.pts = None  # timestamps are irrelevant here; the fifo would reject gaps
+        self.fifo.write(frame)
+        if self.fifo.samples >= _BATCH_SAMPLES:
+            self._convert(self.fifo.read(), out)
+
+    def finish(self, out: _Buffer) -> None:
+        """Convert what is left, then flush the resampler's buffered tail."""
+        if self.fifo.samples:
+            self._convert(self.fifo.read(), out)
+        self._convert(None, out)
+
+    def _convert(self, frame: av.AudioFrame | None, out: _Buffer) -> None:
+        self.graph.push(frame)
+        while True:
+            try:
+                converted = self.graph.pull()
+            except (av.error.BlockingIOError, av.error.EOFError):  # needs more input / drained
+                return
+            assert isinstance(converted, av.AudioFrame)
+            out.append(converted)

@@ -1,0 +1,353 @@
+"""`whisperd run`: the watcher feeds the job store, the main loop feeds the supervised worker.
+
+Threads: watchdog's and the watcher's threads only enqueue; everything else (claiming, running,
+recording results, signals, sd_notify) happens on the main thread, so state changes have one owner.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from whisperd.atomic import TEMP_MARKER, atomic_write_text
+from whisperd.audio import probe_duration
+from whisperd.config import ConfigError, DaemonConfig, InboxConfig, load_config
+from whisperd.jobstore import Job, JobStore
+from whisperd.logs import configure_logging, get_logger
+from whisperd.notify import Notifier
+from whisperd.outputs import output_paths
+from whisperd.rules import EffectiveRules, RuleError, RuleResolver
+from whisperd.status import STATUS_FILE
+from whisperd.supervisor import JobOutcome, WorkerStartError, WorkerSupervisor
+from whisperd.watcher import Inbox, Watcher
+
+log = get_logger("whisperd.daemon")
+ERROR_SUFFIX = ".error.txt"
+STATUS_REFRESH_SECONDS = 15.0
+EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it
+
+
+def error_file_for(audio: Path) -> Path:
+    return audio.with_name(audio.stem + ERROR_SUFFIX)
+
+
+def remove_stale_temp_outputs(audio: Path, formats: tuple[str, ...]) -> None:
+    """Temp files a killed worker left for this file's outputs (hidden, so no one else reads them)."""
+    for target in output_paths(audio, formats).values():
+        for stale in target.parent.glob(f".{target.name}.*{TEMP_MARKER}"):
+            stale.unlink(missing_ok=True)
+
+
+def outputs_up_to_date(audio: Path, st: os.stat_result, formats: tuple[str, ...]) -> bool:
+    """Every output exists and is newer than the audio: done before (by us or by hand), skip it."""
+    try:
+        return all(p.stat().st_mtime_ns >= st.st_mtime_ns for p in output_paths(audio, formats).values())
+    except OSError:
+        return False
+
+
+class Daemon:
+    def __init__(self, config_path: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.config: DaemonConfig = load_config(config_path, self.overrides)
+        self.notifier = Notifier()
+        self.rules = RuleResolver()
+        self._rules_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stop_requested = False
+        self.stop_deadline: float | None = None
+        self.reload_requested = False
+        self.started_at = time.time()
+        self.current_job: Job | None = None
+        self._last_status_write = 0.0
+        self._lock_fd: int | None = None
+        self.store: JobStore | None = None
+        self.watcher: Watcher | None = None
+        self.supervisor: WorkerSupervisor | None = None
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.config
+        configure_logging(cfg.log_format, cfg.log_level)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._take_state_lock()
+        self._install_signal_handlers()
+        self.store = JobStore(cfg.database_path)
+        recovered = self.store.requeue_running(max_attempts=cfg.jobs.max_attempts)
+        log.info("daemon starting", pid=os.getpid(), config=str(self.config_path), state_dir=str(cfg.state_dir),
+                 inboxes=[str(i.path) for i in cfg.inboxes], requeued_after_crash=recovered)
+        self.watcher = Watcher(self._inboxes(cfg), self.on_file_ready, settle_seconds=cfg.settle_seconds,
+                               rescan_seconds=cfg.rescan_seconds)
+        self.watcher.start()
+        self.supervisor = WorkerSupervisor(cfg.engine.settings(), cfg.log_format, cfg.log_level)
+        self.notifier.status("loading model")
+        self._write_status(force=True)
+        try:
+            self.supervisor.start(self._tick)
+        except WorkerStartError as exc:
+            log.error("cannot load the model", error=str(exc))
+            self._shutdown()
+            return 0 if self.stop_requested else EXIT_CONFIG
+        self.notifier.ready(self._status_line())
+        self._write_status(force=True)
+        try:
+            self._main_loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    @staticmethod
+    def _inboxes(cfg: DaemonConfig) -> list[Inbox]:
+        return [Inbox(i.path, recursive=i.recursive, poll=i.poll) for i in cfg.inboxes]
+
+    def _take_state_lock(self) -> None:
+        """One daemon per state directory: a second one would claim the same jobs."""
+        fd = os.open(self.config.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another whisperd is already running with state directory {self.config.state_dir}") from None
+        self._lock_fd = fd
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        if not self.stop_requested:
+            self.stop_requested = True
+            self.stop_deadline = time.monotonic() + self.config.stop_timeout_seconds
+        self.wake.set()
+
+    def _on_reload_signal(self, signum: int, _frame: object) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    # -- the watcher's side: enqueue only ---------------------------------------------------
+
+    def inbox_for(self, path: Path) -> InboxConfig | None:
+        matches = [i for i in self.config.inboxes if path.is_relative_to(i.path)]
+        return max(matches, key=lambda i: len(i.path.parts), default=None)
+
+    def effective_rules(self, path: Path) -> EffectiveRules:
+        inbox = self.inbox_for(path)
+        if inbox is None:
+            raise RuleError(f"{path} is not inside any configured inbox")
+        with self._rules_lock:
+            return self.rules.resolve(path, inbox.path, inbox.rules)
+
+    def on_file_ready(self, path: Path, st: os.stat_result) -> None:
+        """Called by the watcher for every complete file; cheap: enqueue and wake the main loop."""
+        assert self.store is not None
+        try:
+            formats = self.effective_rules(path).outputs
+        except RuleError:
+            formats = ()  # the job will fail with the rule error, where the user sees it
+        if formats and self.store.latest_for_path(path) is None and outputs_up_to_date(path, st, formats):
+            log.debug("outputs already up to date", path=str(path))
+            return
+        job = self.store.enqueue(path, st.st_size, st.st_mtime_ns)
+        if job is not None:
+            log.info("job queued", job_id=job.id, path=str(path), size=st.st_size)
+            self.wake.set()
+
+    # -- the main loop ----------------------------------------------------------------------
+
+    def _tick(self) -> bool:
+        """Runs about twice a second while waiting; False once a stop must interrupt the current work."""
+        self.notifier.watchdog()
+        self._write_status()
+        if self.stop_requested and self.stop_deadline is not None:
+            return time.monotonic() < self.stop_deadline
+        return True
+
+    def _main_loop(self) -> None:
+        assert self.store is not None
+        while not self.stop_requested:
+            if self.reload_requested:
+                self._reload()
+            self._tick()
+            job = self.store.claim_next(worker_pid=self.supervisor.pid if self.supervisor else None)
+            if job is None:
+                self.notifier.status(self._status_line())
+                self.wake.wait(self._idle_wait())
+                self.wake.clear()
+                continue
+            self.process(job)
+
+    def _idle_wait(self) -> float:
+        assert self.store is not None
+        next_at = self.store.next_claimable_at()
+        wait = 5.0 if self.notifier.watchdog_interval is None else min(5.0, self.notifier.watchdog_interval / 2)
+        if next_at is not None:
+            wait = min(wait, max(0.05, next_at - time.time()))
+        return wait
+
+    def process(self, job: Job) -> None:
+        assert self.store is not None and self.supervisor is not None
+        path = job.path
+        bound = log.bind(job_id=job.id, path=str(path))
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self.store.mark_superseded(job.id, "the file was deleted before it was transcribed")
+            bound.info("job dropped", result="deleted")
+            return
+        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
+            self.store.mark_superseded(job.id, "the file changed; its new version is queued")
+            self.store.enqueue(path, st.st_size, st.st_mtime_ns)
+            bound.info("job dropped", result="changed")
+            return
+        try:
+            rules = self.effective_rules(path)
+            options = rules.decode_options()
+        except (RuleError, ValueError) as exc:
+            self.fail(job, str(exc))
+            return
+        audio_seconds = probe_duration(path)
+        timeout = self.config.jobs.timeout_for(audio_seconds)
+        remove_stale_temp_outputs(path, rules.outputs)
+        self.current_job = job
+        self._write_status(force=True)
+        self.notifier.status(self._status_line())
+        bound.info("job started", audio_seconds=audio_seconds, attempt=job.attempts + 1,
+                   language=options.language, task=options.task, rules=[str(s) for s in rules.sources])
+        request = {"job_id": job.id, "path": str(path), "options": options, "outputs": rules.outputs}
+        try:
+            outcome = self.supervisor.run_job(request, timeout, self._tick)
+        except WorkerStartError as exc:
+            outcome = JobOutcome("crashed", error=f"the worker could not start: {exc}")
+        finally:
+            self.current_job = None
+        self._record(job, outcome, rules)
+
+    def _record(self, job: Job, outcome: JobOutcome, rules: EffectiveRules) -> None:
+        assert self.store is not None
+        path = job.path
+        bound = log.bind(job_id=job.id, path=str(path))
+        if outcome.kind == "done":
+            reply = outcome.reply
+            self.store.mark_done(job.id, reply["audio_seconds"], reply["wall_seconds"], reply["language"],
+                                 extra={"outputs": reply["outputs"], "worker_pid": reply["pid"],
+                                        "worker_jobs_done": reply["jobs_done"],
+                                        "language_probability": reply["language_probability"],
+                                        "rules": [str(s) for s in rules.sources]})
+            error_file_for(path).unlink(missing_ok=True)
+            bound.info("job done", result="done", audio_seconds=round(reply["audio_seconds"], 2),
+                       wall_seconds=round(reply["wall_seconds"], 2), language=reply["language"],
+                       worker_pid=reply["pid"], segments=reply["segments"])
+        elif outcome.kind == "interrupted":
+            remove_stale_temp_outputs(path, rules.outputs)
+            self.store.requeue(job.id, count_attempt=False, error="requeued: whisperd stopped during the job")
+            bound.info("job requeued", result="requeued")
+        elif outcome.permanent:
+            self.fail(job, outcome.error)
+        else:
+            remove_stale_temp_outputs(path, rules.outputs)
+            attempts = job.attempts + 1
+            if attempts >= self.config.jobs.max_attempts:
+                self.fail(job, f"{outcome.error} (gave up after {attempts} attempts)")
+                return
+            backoff = self.config.jobs.retry_backoff_seconds * 2 ** (attempts - 1)
+            self.store.mark_retry(job.id, outcome.error, backoff)
+            bound.warning("job will be retried", result=outcome.kind, error=outcome.error, attempt=attempts,
+                          retry_in_seconds=backoff)
+        self._write_status(force=True)
+
+    def fail(self, job: Job, error: str) -> None:
+        """Mark failed, and tell the user next to the file (removed again when a later run succeeds)."""
+        assert self.store is not None
+        failed = self.store.mark_failed(job.id, error)
+        log.error("job failed", job_id=job.id, path=str(job.path), result="failed", error=error,
+                  attempts=failed.attempts)
+        note = (
+            f"whisperd could not transcribe {job.path.name}\n\n{error}\n\n"
+            f"attempts: {failed.attempts}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+            "Replace or touch the file to try again.\n"
+        )
+        try:
+            atomic_write_text(error_file_for(job.path), note)
+        except OSError as exc:
+            log.warning("cannot write error file", path=str(job.path), error=str(exc))
+
+    # -- reload and status ------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; new inboxes and rules apply now, a new engine after a worker restart."""
+        self.reload_requested = False
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running configuration", error=str(exc))
+            self.notifier.ready(f"reload failed: {exc}"[:200])
+            return
+        old, self.config = self.config, new
+        with self._rules_lock:
+            self.rules = RuleResolver()
+        assert self.watcher is not None and self.supervisor is not None
+        self.watcher.update_inboxes(self._inboxes(new))
+        if new.engine != old.engine:
+            self.supervisor.stop()
+            self.supervisor = WorkerSupervisor(new.engine.settings(), new.log_format, new.log_level)
+            try:
+                self.supervisor.start(self._tick)
+            except WorkerStartError as exc:
+                log.error("new engine settings cannot load; keeping the old ones", error=str(exc))
+                self.config = old.model_copy(update={"inboxes": new.inboxes})
+                self.supervisor = WorkerSupervisor(old.engine.settings(), old.log_format, old.log_level)
+                self.supervisor.start(self._tick)
+        log.info("configuration reloaded", inboxes=[str(i.path) for i in new.inboxes])
+        self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        counts = self.store.counts() if self.store else {}
+        running = f"transcribing {self.current_job.path.name}" if self.current_job else "idle"
+        return f"{running}; {counts.get('queued', 0)} queued, {counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
+
+    def _write_status(self, force: bool = False) -> None:
+        """daemon.json in the state directory, for `whisperd status` from another process."""
+        now = time.time()
+        if not force and now - self._last_status_write < STATUS_REFRESH_SECONDS:
+            return
+        self._last_status_write = now
+        sup = self.supervisor
+        status = {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": now,
+            "ready": bool(sup and sup.ready_info and sup.alive()),
+            "worker_pid": sup.pid if sup else None,
+            "worker_starts": sup.starts if sup else 0,
+            "engine": sup.ready_info.get("engine") if sup else None,
+            "current_job": {"id": self.current_job.id, "path": str(self.current_job.path)} if self.current_job else None,
+            "inboxes": [str(i.path) for i in self.config.inboxes],
+            "stopping": self.stop_requested,
+        }
+        try:
+            atomic_write_text(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+        except OSError as exc:
+            log.warning("cannot write status file", error=str(exc))
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("daemon stopping")
+        if self.watcher:
+            self.watcher.stop()
+        if self.supervisor:
+            self.supervisor.stop()
+        self.current_job = None
+        self._write_status(force=True)
+        if self.store:
+            self.store.close()
+        log.info("daemon stopped")

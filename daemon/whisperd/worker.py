@@ -1,0 +1,104 @@
+"""The inference worker process: loads the model once, then transcribes one job at a time.
+
+It runs apart from the daemon so that a native crash, a hang or a leak in the inference stack
+costs one retry, not the service. Messages are plain dicts over a multiprocessing Pipe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from whisperd.options import DecodeOptions, EngineSettings
+
+PR_SET_PDEATHSIG = 1
+# Errors that will not go away by trying again.
+PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.EACCES, errno.EPERM}
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process if the daemon dies, so an orphan never writes outputs twice."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def classify_error(exc: BaseException) -> bool:
+    """True when retrying cannot help (bad audio, unusable request, file gone); False for transient errors."""
+    from whisperd.audio import AudioDecodeError
+    from whisperd.engine.transformers_backend import TranscriptionError
+
+    if isinstance(exc, (AudioDecodeError, TranscriptionError, ValueError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return True
+    return False
+
+
+def run_job(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from whisperd.transcribe_file import transcribe_file
+
+    options: DecodeOptions = request["options"]
+    try:
+        result = transcribe_file(engine, Path(request["path"]), options, tuple(request["outputs"]))
+    except Exception as exc:  # reported to the daemon, which decides retry or failure
+        return {
+            "type": "error",
+            "job_id": request["job_id"],
+            "permanent": classify_error(exc),
+            "error": f"{type(exc).__name__}: {exc}" if not str(exc).startswith(str(request["path"])) else str(exc),
+            "traceback": traceback.format_exc(limit=5),
+        }
+    return {
+        "type": "done",
+        "job_id": request["job_id"],
+        "audio_seconds": result.transcript.duration,
+        "wall_seconds": result.wall_seconds,
+        "language": result.transcript.language,
+        "language_probability": result.transcript.language_probability,
+        "segments": len(result.transcript.segments),
+        "outputs": [str(p) for p in result.outputs.values()],
+    }
+
+
+def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log_level: str) -> None:
+    """Entry point of the worker process (spawned, so it shares no threads or locks with the daemon)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from whisperd.logs import configure_logging
+
+    configure_logging(log_format, log_level)
+    from whisperd.engine import create_engine
+
+    started = time.perf_counter()
+    try:
+        engine = create_engine(settings)
+    except Exception as exc:
+        conn.send({"type": "fatal", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)})
+        return
+    conn.send({"type": "ready", "pid": os.getpid(), "load_seconds": time.perf_counter() - started,
+               "engine": engine.describe()})
+    jobs_done = 0
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind = request.get("type")
+        if kind == "stop":
+            return
+        if kind == "job":
+            reply = run_job(engine, request)
+            jobs_done += 1
+            reply["pid"] = os.getpid()
+            reply["jobs_done"] = jobs_done
+            conn.send(reply)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +19,8 @@ import numpy as np
 import pytest
 
 from whisperd import paths
+from whisperd.audio import decode_audio
+from whisperd.evaluation import fetch_clip
 from whisperd.models import (
     CT2FormatError,
     ModelNotFoundError,
@@ -36,8 +36,6 @@ from whisperd.models import fetch as fetch_module
 
 BASE = "openai/whisper-base"
 TINY_EN = "openai/whisper-tiny.en"
-CLIP_SDIST = "pocketsphinx==5.1.1"
-CLIP_MEMBER = "pocketsphinx-5.1.1/test/data/librivox/sense_and_sensibility_01_austen_64kb-0880.wav"
 CLIP_TEXT = "he was not an ill disposed young man"
 
 
@@ -62,36 +60,13 @@ def real_downloads() -> Path:
 
 @pytest.fixture(scope="session")
 def clip_path() -> Path:
-    """A 3 s LibriVox clip (16 kHz wav) from the pocketsphinx sdist, extracted into the cache."""
-    target = paths.cache_dir() / "test-clips" / Path(CLIP_MEMBER).name
-    if target.is_file():
-        return target
-    downloads = paths.downloads_dir()
-    sdist = downloads / "pocketsphinx-5.1.1.tar.gz"
-    if not sdist.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-             "-d", str(downloads), CLIP_SDIST],
-            check=True,
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist) as archive:
-        source = archive.extractfile(CLIP_MEMBER)
-        assert source is not None
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(source.read())
-        partial.replace(target)
-    return target
+    """A 3 s LibriVox clip (16 kHz wav): "he was not an ill disposed young man"."""
+    return fetch_clip("en_librivox_ss01_0880").path
 
 
 @pytest.fixture(scope="session")
 def clip_audio(clip_path: Path) -> np.ndarray:
-    import soundfile as sf
-
-    audio, rate = sf.read(clip_path, dtype="float32")
-    assert rate == 16000
-    return audio
+    return decode_audio(clip_path)
 
 
 def _assemble(repo_id: str, out_dir: Path) -> Path:

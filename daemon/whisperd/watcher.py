@@ -1,0 +1,775 @@
+"""Turn filesystem events in the inbox folders into *complete* files.
+
+The problem (the most common complaint about peer tools): files picked up while still being copied,
+queued several times, or missed when inotify's queue overflows or when the folder is a network
+share that sends no events at all. The answer here has three layers:
+
+1. Events only nominate *candidates*. ``watchdog`` delivers created / modified / closed-after-write /
+   moved-into-place events (inotify; a ``PollingObserver`` for inboxes marked ``poll``). Names that
+   are hidden, temporary, whisperd's own outputs or not audio/video are dropped at once
+   (:func:`is_candidate_name`), so an rsync or browser temp name is never a candidate and the final
+   name appears exactly once, when the copy is renamed into place.
+2. :class:`SettleTracker` decides when a candidate is complete: its ``(size, mtime_ns, inode)``
+   stayed unchanged for a settle window, and - where inotify tells us - the writer closed it
+   (``IN_CLOSE_WRITE``) after its last write. Repeated events for one file collapse into one
+   candidate; a file that vanishes before settling is dropped quietly.
+3. A full scan at start-up and on a timer (and at once when inotify reports an overflow) feeds every
+   eligible file back in as a candidate, so files that arrived while the daemon was down, or whose
+   events were lost, are still found.
+
+The watcher is *at least once*: a rescan may report a settled file again (after a restart it will).
+Exactly once is the job store's work (a job is keyed by path, size and mtime). Within one process
+the watcher remembers what it already reported and does not report an unchanged file twice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import stat as stat_mod
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Final
+
+import structlog
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.polling import PollingObserver
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "IGNORED_SUFFIXES",
+    "Activity",
+    "Inbox",
+    "SettleTracker",
+    "Watcher",
+    "is_candidate_name",
+    "scan_inbox",
+]
+
+log = structlog.get_logger(__name__)
+
+#: File extensions (lower case, no dot) that can hold a recording whisperd will decode.
+AUDIO_EXTENSIONS: Final[frozenset[str]] = frozenset(
+    {
+        "wav", "flac", "mp3", "ogg", "oga", "opus", "m4a", "aac", "mp4", "mkv", "webm", "wma",
+        "aif", "aiff", "amr", "3gp", "mov",
+    }
+)
+
+#: Name endings that mark a temporary or side file, never a recording (checked case-insensitively).
+#: Most of them also fail the extension test; they are listed so the rule is explicit and holds
+#: even if someone adds an extension to ``AUDIO_EXTENSIONS``.
+IGNORED_SUFFIXES: Final[tuple[str, ...]] = (
+    ".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~",
+    # whisperd's own outputs and side files
+    ".txt", ".srt", ".vtt", ".json", ".error.txt",
+)
+
+#: Substring of the temporary names whisperd writes before renaming an output into place.
+WHISPERD_TMP_MARKER: Final = ".whisperd-tmp"
+
+# Only the events that can change whether a file is complete; in particular no IN_OPEN or
+# IN_CLOSE_NOWRITE, which the worker's own reads of the audio would otherwise flood us with.
+_EVENT_FILTER: Final[list[type[FileSystemEvent]]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+
+def is_candidate_name(path: str | os.PathLike[str]) -> bool:
+    """Whether a file *name* may be a recording to transcribe (pure: looks only at the last part).
+
+    False for hidden names (``.*``: rsync's ``.talk.wav.XXXXXX``, editors' swap files), temporary
+    and partial downloads (``*.part``, ``*.tmp``, ``*.crdownload``, ``*~``, ...), whisperd's outputs
+    and side files (``*.txt``, ``*.srt``, ``*.vtt``, ``*.json``, ``*.whisperd-tmp*``), and anything
+    whose extension is not in :data:`AUDIO_EXTENSIONS`.
+    """
+    name = os.path.basename(os.fspath(path))
+    if not name or name.startswith("."):
+        return False
+    lower = name.lower()
+    if WHISPERD_TMP_MARKER in lower or lower.endswith(IGNORED_SUFFIXES):
+        return False
+    stem, dot, ext = lower.rpartition(".")
+    return bool(dot and stem and ext in AUDIO_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class Inbox:
+    """A folder to watch. ``poll`` for network shares (NFS/SMB deliver no inotify events)."""
+
+    path: Path
+    recursive: bool = True
+    poll: bool = False
+
+    def __post_init__(self) -> None:
+        # Absolute but not symlink-resolved: events, scans and job-store keys all use this prefix.
+        object.__setattr__(self, "path", Path(os.path.abspath(os.path.expanduser(os.fspath(self.path)))))
+
+    def owns(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` is a file this inbox is responsible for: inside it (directly, unless
+        recursive), with an eligible name and no hidden folder on the way (``.git``, ``.Trash-1000``)."""
+        try:
+            rel = Path(path).relative_to(self.path)
+        except ValueError:
+            return False
+        parts = rel.parts
+        if not parts or not is_candidate_name(parts[-1]):
+            return False
+        if not self.recursive and len(parts) != 1:
+            return False
+        return not any(p.startswith(".") for p in parts[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Settling
+
+
+class Activity(Enum):
+    """What an event says about a candidate file."""
+
+    SEEN = "seen"  # exists / appeared (created, renamed into place, found by a scan, attributes)
+    WRITE = "write"  # data written: a writer has it open until we see CLOSED
+    CLOSED = "closed"  # a writer closed it after writing (IN_CLOSE_WRITE)
+
+
+Signature = tuple[int, int, int, int]  # (size, mtime_ns, inode, device)
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+@dataclass
+class _Candidate:
+    path: str
+    stable_since: float  # last time anything about the file changed (event or stat)
+    due: float  # when to stat it next
+    sig: Signature | None = None
+    open_for_write: bool = False
+    generation: int = 0  # bumped on every change; detects events racing a stat
+
+
+@dataclass
+class SettleTracker:
+    """Decides when candidate files are complete. Thread-safe; clock and stat are injectable.
+
+    A candidate is *ready* when its stat signature (size, mtime_ns, inode, device) has not changed
+    and no event touched it for ``settle_seconds`` - and, if a write was seen, a close-after-write
+    came after it. If a writer keeps a file open but idle for ``open_idle_seconds`` (or the close
+    event was lost: :meth:`events_lost` drops what we believed about open files), the file is
+    released anyway, with a warning: better a transcript of what is there than a file stuck for
+    ever; a later change makes a new job. Empty files are never ready (no recording is 0 bytes;
+    one being created now comes back with its first write). A file gone before settling, or no
+    longer a regular file, is dropped with a debug line.
+
+    Stats happen only when a candidate is due (``poll``), not per event, so a burst of events or a
+    huge start-up scan costs one or two stats per file.
+    """
+
+    settle_seconds: float = 2.0
+    open_idle_seconds: float = 600.0
+    clock: Callable[[], float] = time.monotonic
+    stat: Callable[[str], os.stat_result] = os.stat
+    remember: int = 100_000  # how many reported signatures to remember (LRU) to suppress repeats
+
+    _candidates: dict[str, _Candidate] = field(default_factory=dict, init=False, repr=False)
+    _heap: list[tuple[float, int, str]] = field(default_factory=list, init=False, repr=False)
+    _seq: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
+    _reported: OrderedDict[str, Signature] = field(default_factory=OrderedDict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._candidates)
+
+    def __contains__(self, path: object) -> bool:
+        with self._lock:
+            return os.fspath(path) in self._candidates  # type: ignore[arg-type]
+
+    def observe(self, path: str | os.PathLike[str], activity: Activity = Activity.SEEN) -> None:
+        """Record an event (or a scan sighting) for ``path``; restarts its settle window."""
+        key = os.fspath(path)
+        now = self.clock()
+        with self._lock:
+            cand = self._candidates.get(key)
+            if cand is None:
+                # Stat it promptly (due now) to take the first signature; the window runs from here.
+                cand = _Candidate(path=key, stable_since=now, due=now)
+                self._candidates[key] = cand
+                self._push(cand)
+            else:
+                cand.stable_since = now
+                cand.generation += 1
+                if cand.sig is not None:
+                    cand.due = now + self.settle_seconds
+                    self._push(cand)
+            if activity is Activity.WRITE:
+                cand.open_for_write = True
+            elif activity is Activity.CLOSED:
+                cand.open_for_write = False
+
+    def observe_scanned(self, path: str | os.PathLike[str], st: os.stat_result) -> bool:
+        """A scan found ``path`` with stat ``st``. Returns False (and tracks nothing) when exactly
+        this version was already reported, so periodic rescans of a big inbox stay cheap."""
+        key = os.fspath(path)
+        with self._lock:
+            if key in self._candidates:
+                return True  # already settling; the scan adds nothing (and must not reset it)
+            if self._reported.get(key) == _signature(st):
+                return False
+        self.observe(key, Activity.SEEN)
+        return True
+
+    def forget(self, path: str | os.PathLike[str]) -> None:
+        """The file was deleted or moved away: stop tracking it."""
+        with self._lock:
+            self._candidates.pop(os.fspath(path), None)
+
+    def forget_under(self, directory: str | os.PathLike[str]) -> None:
+        """A folder was deleted or moved away: stop tracking everything below it."""
+        prefix = os.path.join(os.fspath(directory), "")
+        with self._lock:
+            for key in [k for k in self._candidates if k.startswith(prefix)]:
+                del self._candidates[key]
+
+    def events_lost(self) -> None:
+        """The event stream dropped events (inotify overflow): a close may never come, so stop
+        trusting the open-for-write flags and fall back to the settle window alone."""
+        with self._lock:
+            for cand in self._candidates.values():
+                cand.open_for_write = False
+
+    def next_due(self) -> float | None:
+        """Clock time of the earliest pending check, ``None`` when nothing is tracked."""
+        with self._lock:
+            while self._heap:
+                due, _, key = self._heap[0]
+                cand = self._candidates.get(key)
+                if cand is None or cand.due != due:
+                    heapq.heappop(self._heap)  # stale entry
+                    continue
+                return due
+            return None
+
+    def poll(self) -> list[tuple[Path, os.stat_result]]:
+        """Stat the candidates that are due; return (and stop tracking) those that are complete."""
+        now = self.clock()
+        due: dict[str, tuple[_Candidate, int]] = {}
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                when, _, key = heapq.heappop(self._heap)
+                cand = self._candidates.get(key)
+                if cand is not None and cand.due == when:  # else a stale entry
+                    due[key] = (cand, cand.generation)
+        ready: list[tuple[Path, os.stat_result]] = []
+        for cand, generation in due.values():
+            st = self._stat(cand.path)  # outside the lock: events keep flowing meanwhile
+            with self._lock:
+                if self._candidates.get(cand.path) is not cand:
+                    continue  # forgotten meanwhile
+                if st is None:
+                    del self._candidates[cand.path]
+                    continue
+                now = self.clock()
+                sig = _signature(st)
+                if cand.generation != generation or sig != cand.sig:
+                    if sig != cand.sig:
+                        cand.sig = sig
+                        cand.stable_since = now
+                    cand.due = cand.stable_since + self.settle_seconds
+                    self._push(cand)
+                    continue
+                quiet = now - cand.stable_since
+                if quiet < self.settle_seconds:
+                    cand.due = cand.stable_since + self.settle_seconds
+                    self._push(cand)
+                    continue
+                if cand.open_for_write and quiet < self.open_idle_seconds:
+                    # Unchanged but still open: look again later (a close event also wakes us).
+                    cand.due = now + self.settle_seconds
+                    self._push(cand)
+                    continue
+                del self._candidates[cand.path]
+                if st.st_size == 0:
+                    log.debug("watcher.empty_file_skipped", path=cand.path)
+                    continue
+                if cand.open_for_write:
+                    log.warning(
+                        "watcher.open_file_released", path=cand.path, idle_seconds=round(quiet, 1),
+                        note="writer kept it open without writing; taking it as complete",
+                    )
+                if self._reported.get(cand.path) == sig:
+                    log.debug("watcher.unchanged_not_reported_again", path=cand.path)
+                    continue
+                ready.append((Path(cand.path), st))
+        return ready
+
+    def mark_reported(self, path: str | os.PathLike[str], st: os.stat_result) -> None:
+        """Remember that this version of ``path`` was handed on (repeats of it are suppressed)."""
+        key = os.fspath(path)
+        with self._lock:
+            self._reported[key] = _signature(st)
+            self._reported.move_to_end(key)
+            while len(self._reported) > self.remember:
+                self._reported.popitem(last=False)
+
+    def _push(self, cand: _Candidate) -> None:
+        heapq.heappush(self._heap, (cand.due, next(self._seq), cand.path))
+
+    def _stat(self, path: str) -> os.stat_result | None:
+        try:
+            st = self.stat(path)
+        except FileNotFoundError:
+            log.debug("watcher.vanished_before_settling", path=path)
+            return None
+        except OSError as exc:
+            log.warning("watcher.stat_failed", path=path, error=str(exc))
+            return None
+        if not stat_mod.S_ISREG(st.st_mode):
+            log.debug("watcher.not_a_regular_file", path=path)
+            return None
+        return st
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanning
+
+
+def scan_inbox(
+    inbox: Inbox,
+    *,
+    scandir: Callable[[str], Iterable[os.DirEntry[str]]] = os.scandir,
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield ``(path, stat)`` for every eligible regular file in ``inbox``.
+
+    Hidden folders are not entered, symlinked folders are not followed (no loops), and a folder or
+    file that cannot be read is logged and skipped - one bad subfolder must not hide the others.
+    """
+    stack = [os.fspath(inbox.path)]
+    while stack:
+        directory = stack.pop()
+        try:
+            with _as_context(scandir(directory)) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if inbox.recursive and not entry.name.startswith("."):
+                                stack.append(entry.path)
+                            continue
+                        if not is_candidate_name(entry.name):
+                            continue
+                        st = entry.stat()  # follows a symlink to a file
+                    except OSError as exc:
+                        if not isinstance(exc, FileNotFoundError):
+                            log.warning("watcher.scan_entry_unreadable", path=entry.path, error=str(exc))
+                        continue
+                    if stat_mod.S_ISREG(st.st_mode):
+                        yield entry.path, st
+        except OSError as exc:
+            if directory == os.fspath(inbox.path):
+                log.error("watcher.inbox_unreadable", inbox=directory, error=str(exc))
+            else:
+                log.warning("watcher.folder_unreadable_skipped", folder=directory, error=str(exc))
+
+
+class _as_context:
+    """``os.scandir`` results are context managers; injected test doubles may be plain iterables."""
+
+    def __init__(self, it: Iterable[os.DirEntry[str]]) -> None:
+        self._it = it
+
+    def __enter__(self) -> Iterable[os.DirEntry[str]]:
+        return self._it
+
+    def __exit__(self, *exc: object) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+
+
+class _InboxHandler(FileSystemEventHandler):
+    """Maps one inbox's watchdog events onto the tracker (runs on the observer's thread; cheap)."""
+
+    def __init__(self, watcher: Watcher, inbox: Inbox, *, has_close_events: bool) -> None:
+        self._watcher = watcher
+        self._inbox = inbox
+        # A PollingObserver reports "modified" from stat diffs and never reports a close, so a
+        # modification must not mark the file as open there (it would wait for a close for ever).
+        self._write = Activity.WRITE if has_close_events else Activity.SEEN
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._handle(event)
+        except Exception:  # never let one odd event kill the observer thread
+            log.exception("watcher.event_handling_failed", event=repr(event))
+
+    def _handle(self, event: FileSystemEvent) -> None:
+        tracker = self._watcher.tracker
+        src = os.fsdecode(event.src_path)
+        dest = os.fsdecode(event.dest_path) if event.dest_path else ""
+        if event.is_directory:
+            if isinstance(event, (DirDeletedEvent, DirMovedEvent)):
+                tracker.forget_under(src)
+            # DirCreated: watchdog walks new (or moved-in) folders and reports their files itself.
+            return
+        if isinstance(event, FileMovedEvent):
+            tracker.forget(src)
+            if dest and self._inbox.owns(dest):
+                self._watcher._nominate(dest, Activity.SEEN)
+            return
+        if isinstance(event, FileDeletedEvent):
+            tracker.forget(src)
+            return
+        if not self._inbox.owns(src):
+            return
+        if isinstance(event, FileClosedEvent):
+            self._watcher._nominate(src, Activity.CLOSED)
+        elif isinstance(event, FileModifiedEvent):
+            self._watcher._nominate(src, self._write)
+        else:  # created, attributes changed
+            self._watcher._nominate(src, Activity.SEEN)
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog 7 handles an inotify queue overflow internally and only *logs* it; this handler on
+    its logger turns that line into an immediate rescan, so lost events cost seconds, not a
+    rescan interval. (If the message ever changes, the periodic rescan still covers it.)"""
+
+    LOGGERS: Final = ("watchdog.observers.inotify_c",)
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self._on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if "overflow" in record.getMessage().lower():
+                self._on_overflow()
+        except Exception:  # a logging handler must never raise
+            pass
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def uninstall(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# The watcher
+
+
+class Watcher:
+    """Watches inboxes and calls ``on_ready(path, stat)`` once per complete file.
+
+    Threads: watchdog's observer threads (inotify, and polling when an inbox needs it) feed the
+    :class:`SettleTracker`; a *settle* thread stats due candidates and calls ``on_ready``; a *scan*
+    thread runs the start-up and periodic full scans. ``on_ready`` runs on the settle thread and
+    should be quick (enqueue and return); if it raises, the error is logged and the file is
+    offered again by the next scan.
+
+    An inbox that does not exist or cannot be watched when the watcher starts (a share not yet
+    mounted), or whose folder is deleted later, is logged and retried at every scan, instead of
+    failing the daemon.
+
+    ``settle_seconds``: how long a file must stay unchanged; ``rescan_seconds``: period of the full
+    scan; ``poll_seconds``: polling period of ``poll`` inboxes; ``open_idle_seconds``: how long a
+    file still open for writing but unchanged is held back before it is taken anyway.
+    """
+
+    def __init__(
+        self,
+        inboxes: Iterable[Inbox],
+        on_ready: Callable[[Path, os.stat_result], None],
+        settle_seconds: float = 2.0,
+        rescan_seconds: float = 300.0,
+        *,
+        poll_seconds: float = 2.0,
+        open_idle_seconds: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inboxes: tuple[Inbox, ...] = _unique(inboxes)
+        self._on_ready = on_ready
+        self.settle_seconds = settle_seconds
+        self.rescan_seconds = rescan_seconds
+        self.poll_seconds = poll_seconds
+        self._clock = clock
+        self.tracker = SettleTracker(settle_seconds=settle_seconds, open_idle_seconds=open_idle_seconds, clock=clock)
+
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake_settle = threading.Event()
+        self._scan_cond = threading.Condition()
+        self._scan_requested = 0
+        self._scan_completed = 0
+        self._observers: dict[bool, BaseObserver] = {}  # keyed by Inbox.poll
+        self._watches: dict[Inbox, ObservedWatch] = {}
+        self._threads: list[threading.Thread] = []
+        self._overflow_hook = _OverflowHook(self._on_events_lost)
+        self._started = False
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def inboxes(self) -> tuple[Inbox, ...]:
+        return self._inboxes
+
+    @property
+    def watching(self) -> tuple[Inbox, ...]:
+        """The inboxes that currently have a live watch (the others wait for the next scan)."""
+        with self._lock:
+            return tuple(self._watches)
+
+    def start(self) -> None:
+        """Start observing, then scan everything once (observers first, so nothing slips between)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._stop.clear()
+            self._overflow_hook.install()
+            self._sync_watches()
+            self._threads = [
+                threading.Thread(target=self._settle_loop, name="whisperd-settle", daemon=True),
+                threading.Thread(target=self._scan_loop, name="whisperd-scan", daemon=True),
+            ]
+            for t in self._threads:
+                t.start()
+        self.rescan_now()
+        log.info(
+            "watcher.started",
+            inboxes=[str(i.path) for i in self._inboxes],
+            settle_seconds=self.settle_seconds,
+            rescan_seconds=self.rescan_seconds,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop observers and threads. Candidates still settling are dropped (the next start-up
+        scan finds them again)."""
+        with self._lock:
+            if not self._started:
+                return
+            self._started = False
+            self._stop.set()
+            self._wake_settle.set()
+            with self._scan_cond:
+                self._scan_cond.notify_all()
+            observers = list(self._observers.values())
+            self._observers.clear()
+            self._watches.clear()
+            threads, self._threads = self._threads, []
+            self._overflow_hook.uninstall()
+        for obs in observers:
+            obs.stop()
+        for obs in observers:
+            obs.join(timeout)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        log.info("watcher.stopped")
+
+    def __enter__(self) -> Watcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def rescan_now(self, *, wait: bool = False, timeout: float | None = None) -> bool:
+        """Ask for a full scan now. With ``wait``, block until a scan that started after this call
+        has finished; returns False on timeout (or if the watcher stops)."""
+        with self._scan_cond:
+            self._scan_requested += 1
+            ticket = self._scan_requested
+            self._scan_cond.notify_all()
+            if not wait:
+                return True
+            if not self._started:
+                return False  # no scan thread to wait for; start() scans anyway
+            return self._scan_cond.wait_for(
+                lambda: self._scan_completed >= ticket or self._stop.is_set(), timeout
+            ) and self._scan_completed >= ticket
+
+    def update_inboxes(self, inboxes: Iterable[Inbox]) -> None:
+        """Replace the inbox list (SIGHUP reload): unwatch removed ones, watch new ones, rescan."""
+        new = _unique(inboxes)
+        with self._lock:
+            removed = set(self._inboxes) - set(new)
+            self._inboxes = new
+            if self._started:
+                self._sync_watches()
+            for inbox in removed:
+                self.tracker.forget_under(inbox.path)
+        log.info("watcher.inboxes_updated", inboxes=[str(i.path) for i in new])
+        if self._started:
+            self.rescan_now()
+
+    @property
+    def pending(self) -> int:
+        """Candidates still settling."""
+        return len(self.tracker)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _nominate(self, path: str, activity: Activity) -> None:
+        self.tracker.observe(path, activity)
+        self._wake_settle.set()
+
+    def _on_events_lost(self) -> None:
+        log.warning("watcher.events_lost", action="rescanning now")
+        self.tracker.events_lost()
+        self.rescan_now()
+
+    def _observer(self, poll: bool) -> BaseObserver:
+        obs = self._observers.get(poll)
+        if obs is None:
+            obs = PollingObserver(timeout=self.poll_seconds) if poll else Observer()
+            obs.daemon = True
+            obs.start()
+            self._observers[poll] = obs
+        return obs
+
+    def _sync_watches(self) -> None:
+        """Make the live watches match ``self._inboxes``; failures are logged and retried later."""
+        with self._lock:
+            if not self._started:
+                return
+            # A watch whose emitter stopped (its folder was deleted) is dropped, to be redone below.
+            for inbox, watch in list(self._watches.items()):
+                observer = self._observers[inbox.poll]
+                emitter = getattr(observer, "_emitter_for_watch", {}).get(watch)
+                if emitter is not None and not emitter.is_alive():
+                    log.warning("watcher.watch_lost", inbox=str(inbox.path))
+                    self._unschedule(inbox)
+            for inbox in list(self._watches):
+                if inbox not in self._inboxes:
+                    self._unschedule(inbox)
+            for inbox in self._inboxes:
+                if inbox in self._watches:
+                    continue
+                if not inbox.path.is_dir():
+                    log.error("watcher.inbox_missing", inbox=str(inbox.path), retry="at next scan")
+                    continue
+                handler = _InboxHandler(self, inbox, has_close_events=not inbox.poll)
+                try:
+                    watch = self._observer(inbox.poll).schedule(
+                        handler, os.fspath(inbox.path), recursive=inbox.recursive, event_filter=_EVENT_FILTER
+                    )
+                except OSError as exc:
+                    log.error("watcher.watch_failed", inbox=str(inbox.path), error=str(exc), retry="at next scan")
+                    continue
+                self._watches[inbox] = watch
+                log.debug("watcher.watching", inbox=str(inbox.path), recursive=inbox.recursive, poll=inbox.poll)
+
+    def _unschedule(self, inbox: Inbox) -> None:
+        watch = self._watches.pop(inbox)
+        try:
+            self._observers[inbox.poll].unschedule(watch)
+        except Exception as exc:  # already gone (folder deleted)
+            log.debug("watcher.unschedule_failed", inbox=str(inbox.path), error=str(exc))
+
+    def _settle_loop(self) -> None:
+        while not self._stop.is_set():
+            due = self.tracker.next_due()
+            wait = 1.0 if due is None else min(1.0, max(0.0, due - self._clock()))
+            if wait > 0:
+                self._wake_settle.wait(wait)
+            self._wake_settle.clear()
+            if self._stop.is_set():
+                break
+            try:
+                ready = self.tracker.poll()
+            except Exception:
+                log.exception("watcher.settle_failed")
+                continue
+            for path, st in ready:
+                if self._stop.is_set():
+                    break
+                try:
+                    self._on_ready(path, st)
+                except Exception:
+                    log.exception("watcher.on_ready_failed", path=str(path), retry="at next scan")
+                else:
+                    self.tracker.mark_reported(path, st)
+
+    def _scan_loop(self) -> None:
+        next_periodic = self._clock() + self.rescan_seconds
+        while not self._stop.is_set():
+            with self._scan_cond:
+                self._scan_cond.wait_for(
+                    lambda: self._stop.is_set()
+                    or self._scan_requested > self._scan_completed
+                    or self._clock() >= next_periodic,
+                    timeout=max(0.0, min(5.0, next_periodic - self._clock())),
+                )
+                if self._stop.is_set():
+                    break
+                if self._scan_requested <= self._scan_completed and self._clock() < next_periodic:
+                    continue
+                ticket = self._scan_requested
+            try:
+                self._scan_all()
+            except Exception:
+                log.exception("watcher.scan_failed")
+            next_periodic = self._clock() + self.rescan_seconds
+            with self._scan_cond:
+                self._scan_completed = max(self._scan_completed, ticket)
+                self._scan_cond.notify_all()
+
+    def _scan_all(self) -> None:
+        started = self._clock()
+        self._sync_watches()  # retry inboxes that were missing or failed
+        seen = nominated = 0
+        for inbox in self._inboxes:
+            if self._stop.is_set():
+                return
+            if not inbox.path.is_dir():
+                continue  # logged by _sync_watches; retried at the next scan
+            for path, st in scan_inbox(inbox):
+                seen += 1
+                if self.tracker.observe_scanned(path, st):
+                    nominated += 1
+                    self._wake_settle.set()
+        log.info(
+            "watcher.scan_done", files=seen, candidates=nominated,
+            seconds=round(self._clock() - started, 3),
+        )
+
+
+def _unique(inboxes: Iterable[Inbox]) -> tuple[Inbox, ...]:
+    return tuple(dict.fromkeys(inboxes))

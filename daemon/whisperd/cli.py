@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from whisperd.logs import quiet_library_warnings
 from whisperd.options import DEVICES, OUTPUT_FORMATS, PRECISIONS, TASKS, DecodeOptions, EngineSettings
 
 
@@ -144,14 +145,6 @@ COMMANDS = {
     "fetch-model": cmd_fetch_model,
     "import-model": cmd_import_model,
 }
-
-
-def quiet_library_warnings() -> None:
-    """transformers prints deprecation notes on every generate(); users of a CLI cannot act on them."""
-    import warnings
-
-    warnings.filterwarnings("ignore", module="transformers")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,8 +33,17 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries that are chatty at INFO.
-    for name in ("watchdog", "transformers", "urllib3", "huggingface_hub", "filelock"):
+    for name in ("watchdog", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_library_warnings()
+
+
+def quiet_library_warnings() -> None:
+    """transformers prints deprecation notes on every generate(); nobody running whisperd can act on them."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

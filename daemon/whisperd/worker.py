@@ -43,6 +43,16 @@ def classify_error(exc: BaseException) -> bool:
     return False
 
 
+def describe_error(exc: BaseException) -> str:
+    """Our own errors already read as sentences naming the file; others get their type for context."""
+    from whisperd.audio import AudioDecodeError
+    from whisperd.engine.transformers_backend import TranscriptionError
+
+    if isinstance(exc, (AudioDecodeError, TranscriptionError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_job(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
     from whisperd.transcribe_file import transcribe_file
 
@@ -54,7 +64,7 @@ def run_job(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
             "type": "error",
             "job_id": request["job_id"],
             "permanent": classify_error(exc),
-            "error": f"{type(exc).__name__}: {exc}" if not str(exc).startswith(str(request["path"])) else str(exc),
+            "error": describe_error(exc),
             "traceback": traceback.format_exc(limit=5),
         }
     return {

@@ -125,7 +125,7 @@ class TransformersEngine:
 
     def _choose_language(self, audio: np.ndarray, requested: str) -> tuple[str, float | None]:
         if not self.is_multilingual:
-            return "en", None
+            return ("en" if requested == AUTO else requested), None
         if requested != AUTO:
             return requested, None
         return self.detect_language(audio[:WINDOW_SAMPLES])

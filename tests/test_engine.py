@@ -1,0 +1,106 @@
+"""The transcription core on a real Whisper model (whisper-base) and real recorded speech."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from whisperd.audio import decode_audio
+from whisperd.engine import Engine
+from whisperd.engine.transformers_backend import TranscriptionError
+from whisperd.evaluation import DevClip, error_rate
+from whisperd.options import DecodeOptions
+
+LIBRIVOX = [f"en_librivox_ss01_{n}" for n in ("0870", "0880", "0890", "0920", "0930")]
+MANDARIN = ["zh_aishell1_BAC009S0764W0121", "zh_aishell1_BAC009S0764W0122"]
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
+
+
+def transcribe(engine: Engine, c: DevClip, **options: object):
+    return engine.transcribe(decode_audio(c.path), DecodeOptions(**options))  # type: ignore[arg-type]
+
+
+def test_english_librivox_wer(engine: Engine, clip: Callable[[str], DevClip]) -> None:
+    clips = [clip(i) for i in LIBRIVOX]
+    hyps = [transcribe(engine, c, language="en").text for c in clips]
+    wer = error_rate([c.reference for c in clips], hyps, "en")
+    print(f"{engine.settings.precision}: LibriVox WER {wer:.3f}")
+    assert wer <= 0.12, list(zip(hyps, [c.reference for c in clips]))
+
+
+def test_sym_int4_really_uses_ipex_llm_low_bit_layers(engine_int4: Engine) -> None:
+    from ipex_llm.transformers.low_bit_linear import LowBitLinear
+
+    model = engine_int4.model  # type: ignore[attr-defined]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    low_bit = [m for m in linears if isinstance(m, LowBitLinear)]
+    # Every projection in encoder and decoder is quantised; only the tied output head stays dense.
+    assert len(low_bit) >= len(linears) - 1
+    assert not isinstance(model.proj_out, LowBitLinear)
+    assert type(model.model.encoder.layers[0].fc1).__name__ == "LowBitLinear"
+
+
+def test_fp32_is_plain_torch(engine_fp32: Engine) -> None:
+    model = engine_fp32.model  # type: ignore[attr-defined]
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_mandarin_character_error_rate(engine: Engine, clip: Callable[[str], DevClip]) -> None:
+    """CER after mapping traditional to simplified characters and dropping punctuation and spaces."""
+    clips = [clip(i) for i in MANDARIN]
+    hyps = [transcribe(engine, c, language="zh").text for c in clips]
+    cer = error_rate([c.reference for c in clips], hyps, "zh")
+    print(f"{engine.settings.precision}: Mandarin CER {cer:.3f}")
+    assert cer <= 0.35, hyps
+
+
+def test_mandarin_translated_to_english(engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
+    result = transcribe(engine_fp32, clip(MANDARIN[0]), language="chinese", task="translate")
+    assert result.language == "zh" and result.task == "translate"
+    assert not CJK.search(result.text), result.text
+    assert len(re.findall(r"[A-Za-z]+", result.text)) >= 3, result.text
+
+
+@pytest.mark.parametrize(("clip_id", "expected"), [("es_mls_13697_11991_000000", "es"), ("sv_nst_u0016003", "sv")])
+def test_auto_detects_language(engine_fp32: Engine, clip: Callable[[str], DevClip], clip_id: str, expected: str) -> None:
+    result = transcribe(engine_fp32, clip(clip_id), language="auto")
+    assert result.language == expected
+    assert result.language_probability is not None and result.language_probability > 0.5
+
+
+def test_long_audio_is_not_truncated(engine: Engine, clip: Callable[[str], DevClip]) -> None:
+    """52 s: two speakers, one after the other; both halves must be in the text, times past 30 s."""
+    c = clip("en_mfa_michaelandsickmichael")
+    result = transcribe(engine, c, language="en")
+    assert result.segments[-1].end > 45.0
+    assert any(s.start > 30.0 for s in result.segments)
+    first_half = " ".join(s.text for s in result.segments if s.end <= 27.5)
+    second_half = " ".join(s.text for s in result.segments if s.start >= 26.0)
+    assert error_rate([clip("en_mfa_acoustic_corpus").reference], [first_half], "en") < 0.25
+    assert error_rate([clip("en_mfa_cold_corpus").reference], [second_half], "en") < 0.25
+    assert error_rate([c.reference], [result.text], "en") < 0.15
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts) and all(0 <= s.start <= s.end <= result.duration for s in result.segments)
+
+
+def test_english_only_model_refuses_other_languages(clip: Callable[[str], DevClip]) -> None:
+    from conftest import load_engine
+
+    tiny_en = load_engine("fp32", model="openai/whisper-tiny.en")
+    audio = decode_audio(clip("en_goforward").path)
+    assert "forward" in tiny_en.transcribe(audio, DecodeOptions(language="auto")).text.lower()
+    with pytest.raises(TranscriptionError, match="English-only"):
+        tiny_en.transcribe(audio, DecodeOptions(language="zh"))
+    with pytest.raises(TranscriptionError, match="cannot translate"):
+        tiny_en.transcribe(audio, DecodeOptions(language="en", task="translate"))
+
+
+def test_empty_audio_gives_an_empty_transcript(engine_fp32: Engine) -> None:
+    import numpy as np
+
+    result = engine_fp32.transcribe(np.zeros(0, dtype=np.float32), DecodeOptions(language="en"))
+    assert result.segments == () and result.duration == 0.0

@@ -26,4 +26,14 @@ if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
     echo "$want" >"$stamp"
 fi
 
+# The tests check the systemd unit with systemd-analyze (Debian's systemd package).
+if [[ "${1:-}" == "--test" ]] && ! command -v systemd-analyze >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd) >/dev/null 2>&1 \
+        || echo "setup: could not install systemd; the unit check will be skipped" >&2
+fi
+
 .venv/bin/whisperd fetch-model "${WHISPERD_SETUP_MODEL:-openai/whisper-base}" >/dev/null
+if [[ "${1:-}" == "--test" ]]; then
+    .venv/bin/whisperd fetch-model openai/whisper-tiny.en >/dev/null
+    .venv/bin/python -c "from whisperd.evaluation import fetch_clips; fetch_clips()"
+fi

@@ -10,7 +10,7 @@ import torch
 
 from whisperd.audio import decode_audio
 from whisperd.engine import Engine
-from whisperd.engine.transformers_backend import TranscriptionError
+from whisperd.engine import TranscriptionError
 from whisperd.evaluation import DevClip, error_rate
 from whisperd.options import DecodeOptions
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from whisperd.audio import AudioDecodeError
     from whisperd.engine import create_engine
-    from whisperd.engine.transformers_backend import TranscriptionError
+    from whisperd.engine import TranscriptionError
     from whisperd.transcribe_file import transcribe_file
 
     options = DecodeOptions(language=args.language, task=args.task, initial_prompt=args.initial_prompt)

@@ -48,6 +48,8 @@ class DecodeOptions:
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
     word_timestamps: bool = False
+    vad: bool = True
+    drop_repeated_segments: bool = True
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

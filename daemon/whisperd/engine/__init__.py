@@ -6,6 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
+from whisperd.engine.pipeline import TranscriptionError
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Transcript
 
@@ -26,9 +27,10 @@ def create_engine(settings: EngineSettings) -> Engine:
     from whisperd.devices import check_settings
 
     plan = check_settings(settings.device, settings.precision)
-    from whisperd.engine.transformers_backend import TransformersEngine
+    from whisperd.engine.pipeline import WindowedEngine
+    from whisperd.engine.transformers_backend import TransformersBackend
 
-    return TransformersEngine(settings, plan)
+    return WindowedEngine(TransformersBackend(settings, plan), settings, plan.device)
 
 
-__all__ = ["Engine", "create_engine"]
+__all__ = ["Engine", "TranscriptionError", "create_engine"]

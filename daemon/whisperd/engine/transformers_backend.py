@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,14 @@ import numpy as np
 import torch
 
 from whisperd.devices import LoadPlan
-from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
-from whisperd.transcript import Segment, Transcript
+from whisperd.transcript import Segment
 
 log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLING_RATE
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TranscriptionError(RuntimeError):
-    """A file could not be decoded by the model for a reason the user can act on."""
 
 
 def load_whisper(model_dir: Path, plan: LoadPlan, cpu_embedding: bool = False) -> torch.nn.Module:
@@ -62,8 +58,8 @@ def input_dtype(model: torch.nn.Module) -> torch.dtype:
     return model.get_encoder().conv1.weight.dtype
 
 
-class TransformersEngine:
-    """Long-lived Whisper model; `transcribe` is called once per file."""
+class TransformersBackend:
+    """Long-lived Whisper model decoding batches of windows."""
 
     def __init__(self, settings: EngineSettings, plan: LoadPlan) -> None:
         from transformers import WhisperProcessor
@@ -85,6 +81,7 @@ class TransformersEngine:
             getattr(self.generation_config, "lang_to_id", None)
         )
         self.feature_dtype = input_dtype(self.model)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
         log.info("model loaded", extra={"model_dir": str(self.model_dir), "seconds": round(self.load_seconds, 2)})
 
     def describe(self) -> dict[str, object]:
@@ -97,42 +94,23 @@ class TransformersEngine:
             "ipex_llm": self.plan.use_ipex_llm,
         }
 
-    # -- decoding -------------------------------------------------------------------------
+    # -- features -----------------------------------------------------------------------
 
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
-        duration = len(audio) / SAMPLING_RATE
-        if len(audio) == 0:
-            return Transcript(language=options.language, segments=(), duration=0.0, task=options.task)
-        language, probability = self._choose_language(audio, options.language)
-        self._check_task(language, options.task)
-        segments = self._generate(audio, language, options)
-        return Transcript(
-            language=language,
-            language_probability=probability,
-            segments=tuple(clip_segments(segments, duration)),
-            duration=duration,
-            task=options.task,
-            settings={**self.describe(), "language": options.language, "task": options.task},
-        )
+    def _features(self, audio: np.ndarray | list[np.ndarray], long_form: bool = False) -> dict[str, torch.Tensor]:
+        """Log-mel features for one file (long form) or a batch of <= 30 s windows, in one call."""
+        extra = {"truncation": False, "padding": "longest"} if long_form else {}
+        inputs = self.processor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True,
+                                **extra)
+        out = {"input_features": inputs.input_features.to(self.device, dtype=self.feature_dtype)}
+        if long_form:
+            out["attention_mask"] = inputs.attention_mask.to(self.device)
+        return out
 
-    def _check_task(self, language: str, task: str) -> None:
-        if self.is_multilingual:
-            return
-        if language != "en":
-            raise TranscriptionError(f"model {self.settings.model} is English-only and cannot transcribe {language!r}")
-        if task == "translate":
-            raise TranscriptionError(f"model {self.settings.model} is English-only and cannot translate")
-
-    def _choose_language(self, audio: np.ndarray, requested: str) -> tuple[str, float | None]:
-        if not self.is_multilingual:
-            return ("en" if requested == AUTO else requested), None
-        if requested != AUTO:
-            return requested, None
-        return self.detect_language(audio[:WINDOW_SAMPLES])
+    # -- language ------------------------------------------------------------------------
 
     def detect_language(self, audio: np.ndarray) -> tuple[str, float]:
         """Most likely language of up to 30 s of audio, and its probability."""
-        features = self._features(audio, long_form=False)["input_features"]
+        features = self._features(audio[:WINDOW_SAMPLES])["input_features"]
         lang_to_id: dict[str, int] = self.generation_config.lang_to_id
         ids = torch.tensor(list(lang_to_id.values()), device=self.device)
         start = torch.tensor([[self.generation_config.decoder_start_token_id]], device=self.device)
@@ -141,67 +119,51 @@ class TransformersEngine:
             logits = self.model(encoder_outputs=encoded, decoder_input_ids=start).logits[0, -1]
             probs = torch.softmax(logits[ids].float(), dim=-1)
         best = int(torch.argmax(probs))
-        token = list(lang_to_id)[best]
-        return token.strip("<|>"), float(probs[best])
+        return list(lang_to_id)[best].strip("<|>"), float(probs[best])
 
-    def _features(self, audio: np.ndarray, long_form: bool) -> dict[str, torch.Tensor]:
-        if long_form:
-            inputs = self.processor(
-                audio,
-                sampling_rate=SAMPLING_RATE,
-                return_tensors="pt",
-                truncation=False,
-                padding="longest",
-                return_attention_mask=True,
-            )
-        else:
-            inputs = self.processor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True)
-        out = {"input_features": inputs.input_features.to(self.device, dtype=self.feature_dtype)}
-        if "attention_mask" in inputs:
-            out["attention_mask"] = inputs.attention_mask.to(self.device)
-        return out
+    # -- decoding ------------------------------------------------------------------------
 
-    def _generate(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
+    def decode_windows(self, windows: Sequence[np.ndarray], language: str, options: DecodeOptions) -> list[list[Segment]]:
+        inputs = self._features(list(windows))
+        kwargs = self._generate_kwargs(language, options, long_form=False)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        return [[self._segment(raw) for raw in per_window] for per_window in output["segments"]]
+
+    def decode_long_form(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
         long_form = len(audio) > WINDOW_SAMPLES
         inputs = self._features(audio, long_form=long_form)
-        kwargs = self._generate_kwargs(language, options)
+        kwargs = self._generate_kwargs(language, options, long_form=long_form)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
         return [self._segment(raw) for raw in output["segments"][0]]
 
-    def _generate_kwargs(self, language: str, options: DecodeOptions) -> dict[str, Any]:
+    def _generate_kwargs(self, language: str, options: DecodeOptions, long_form: bool) -> dict[str, Any]:
         temperatures = options.temperatures
         kwargs: dict[str, Any] = {
             "return_timestamps": True,
             "return_segments": True,
-            "condition_on_prev_tokens": options.condition_on_previous_text,
             "temperature": temperatures if len(temperatures) > 1 else temperatures[0],
             "compression_ratio_threshold": options.compression_ratio_threshold,
             "logprob_threshold": options.logprob_threshold,
+            # transformers reads no-speech probability only alongside the logprob gate.
             "no_speech_threshold": options.no_speech_threshold if options.logprob_threshold is not None else None,
             "num_beams": options.beam_size,
         }
+        if long_form:
+            kwargs["condition_on_prev_tokens"] = options.condition_on_previous_text
         if self.is_multilingual:
             kwargs["language"] = language
             kwargs["task"] = options.task
         if options.initial_prompt:
-            kwargs["prompt_ids"] = self.processor.get_prompt_ids(options.initial_prompt, return_tensors="pt").to(self.device)
+            kwargs["prompt_ids"] = self._prompt_ids(options.initial_prompt)
         return kwargs
+
+    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._prompt_cache:
+            self._prompt_cache[prompt] = self.processor.get_prompt_ids(prompt, return_tensors="pt").to(self.device)
+        return self._prompt_cache[prompt]
 
     def _segment(self, raw: dict[str, Any]) -> Segment:
         text = self.processor.tokenizer.decode(raw["tokens"], skip_special_tokens=True)
         return Segment(start=float(raw["start"]), end=float(raw["end"]), text=text.strip())
-
-
-def clip_segments(segments: list[Segment], duration: float) -> list[Segment]:
-    """Drop empty segments and keep every time inside [0, duration], start <= end, in order."""
-    out: list[Segment] = []
-    last_end = 0.0
-    for seg in segments:
-        if not seg.text:
-            continue
-        start = min(max(seg.start, last_end, 0.0), duration)
-        end = min(max(seg.end, start), duration)
-        out.append(Segment(start=start, end=end, text=seg.text, words=seg.words))
-        last_end = end
-    return out

@@ -1,0 +1,182 @@
+"""The backend-independent half of transcription: VAD windows, batching, language choice, guards.
+
+A backend only has to decode a batch of <= 30 s windows (and detect a language); everything that
+decides what reaches the model and what comes back out lives here, once, for every backend.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from whisperd.languages import AUTO
+from whisperd.options import DecodeOptions, EngineSettings
+from whisperd.transcript import Segment, Transcript
+from whisperd.vad import SAMPLING_RATE, SpeechDetector, Window, plan_windows
+
+NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech to detect a language from
+
+
+class TranscriptionError(RuntimeError):
+    """A file could not be transcribed for a reason the user can act on (wrong language for the model...)."""
+
+
+class WindowBackend(Protocol):
+    """What a model runtime provides: decoding of short windows, and language detection."""
+
+    is_multilingual: bool
+
+    def describe(self) -> dict[str, object]: ...
+
+    def detect_language(self, audio: np.ndarray) -> tuple[str, float]: ...
+
+    def decode_windows(self, windows: Sequence[np.ndarray], language: str, options: DecodeOptions) -> list[list[Segment]]:
+        """Segments per window, with times relative to the window's start."""
+        ...
+
+    def decode_long_form(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
+        """The whole file sequentially, conditioning on previous text (used when VAD is off)."""
+        ...
+
+
+class WindowedEngine:
+    """Engine = a backend + VAD windowing + batching + hallucination guards."""
+
+    def __init__(self, backend: WindowBackend, settings: EngineSettings, device: str,
+                 detector: SpeechDetector | None = None) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.device = device
+        self.detector = detector or SpeechDetector()
+
+    @property
+    def model(self):  # noqa: ANN201 - the backend's model object, for inspection
+        return getattr(self.backend, "model", None)
+
+    def describe(self) -> dict[str, object]:
+        return {**self.backend.describe(), "batch_size": self.settings.batch_size}
+
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+        duration = len(audio) / SAMPLING_RATE
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        windows = self._windows(audio, options)
+        timings["vad_seconds"] = time.perf_counter() - started
+        if not windows:
+            language = options.language if options.language != AUTO else NO_SPEECH_LANGUAGE
+            return self._transcript(language, None, [], duration, options, timings)
+        language, probability = self._choose_language(audio, windows[0], options.language)
+        self._check_task(language, options.task)
+        started = time.perf_counter()
+        if options.vad:
+            segments = self._decode_windows(audio, windows, language, options)
+        else:
+            segments = self.backend.decode_long_form(audio, language, options)
+        timings["decode_seconds"] = time.perf_counter() - started
+        segments = clean_segments(segments, duration, options.drop_repeated_segments)
+        return self._transcript(language, probability, segments, duration, options, timings)
+
+    def _transcript(self, language: str, probability: float | None, segments: list[Segment], duration: float,
+                    options: DecodeOptions, timings: dict[str, float]) -> Transcript:
+        settings = {
+            **self.describe(),
+            "language": options.language,
+            "task": options.task,
+            "vad": options.vad,
+            "temperatures": list(options.temperatures),
+            "compression_ratio_threshold": options.compression_ratio_threshold,
+            "logprob_threshold": options.logprob_threshold,
+            "no_speech_threshold": options.no_speech_threshold,
+            "initial_prompt": options.initial_prompt,
+            **{k: round(v, 3) for k, v in timings.items()},
+        }
+        return Transcript(language=language, language_probability=probability, segments=tuple(segments),
+                          duration=duration, task=options.task, settings=settings)
+
+    def _windows(self, audio: np.ndarray, options: DecodeOptions) -> list[Window]:
+        if len(audio) == 0:
+            return []
+        if not options.vad:
+            # One pseudo-window: the language is detected on the first 30 s, the file decoded whole.
+            return [Window(0, min(len(audio), 30 * SAMPLING_RATE), ())]
+        spans = self.detector.speech_spans(audio)
+        return plan_windows(spans, len(audio), self.detector.options)
+
+    def _choose_language(self, audio: np.ndarray, first: Window, requested: str) -> tuple[str, float | None]:
+        """Detect on the first speech window, never on leading silence or music."""
+        if not self.backend.is_multilingual:
+            return ("en" if requested == AUTO else requested), None
+        if requested != AUTO:
+            return requested, None
+        return self.backend.detect_language(audio[first.start:first.end])
+
+    def _check_task(self, language: str, task: str) -> None:
+        if self.backend.is_multilingual:
+            return
+        if language != "en":
+            raise TranscriptionError(f"model {self.settings.model} is English-only and cannot transcribe {language!r}")
+        if task == "translate":
+            raise TranscriptionError(f"model {self.settings.model} is English-only and cannot translate")
+
+    def _decode_windows(self, audio: np.ndarray, windows: list[Window], language: str,
+                        options: DecodeOptions) -> list[Segment]:
+        out: list[Segment] = []
+        for batch in batched(windows, self.settings.batch_size):
+            decoded = self.backend.decode_windows([audio[w.start:w.end] for w in batch], language, options)
+            for window, segments in zip(batch, decoded):
+                out.extend(place_in_window(segments, window))
+        return out
+
+
+def batched(items: list[Window], size: int) -> Iterator[list[Window]]:
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + size]
+
+
+def place_in_window(segments: list[Segment], window: Window) -> list[Segment]:
+    """Shift window-relative times to the file and keep them inside the window's speech.
+
+    A segment may not start in the silence before the window's first speech onset (cues would
+    appear before anyone talks) nor end after the window.
+    """
+    offset = window.offset_seconds
+    first_onset = window.spans[0].start / SAMPLING_RATE if window.spans else offset
+    window_end = window.end / SAMPLING_RATE
+    placed = []
+    for seg in segments:
+        start = min(max(seg.start + offset, first_onset), window_end)
+        end = min(max(seg.end + offset, start), window_end)
+        words = tuple(type(w)(start=min(max(w.start + offset, start), end), end=min(max(w.end + offset, start), end),
+                              text=w.text, probability=w.probability) for w in seg.words)
+        placed.append(Segment(start=start, end=end, text=seg.text, words=words, avg_logprob=seg.avg_logprob,
+                              no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio))
+    return placed
+
+
+_NORMALISE = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def _comparable(text: str) -> str:
+    return _NORMALISE.sub(" ", text.lower()).strip()
+
+
+def clean_segments(segments: list[Segment], duration: float, drop_repeats: bool) -> list[Segment]:
+    """Drop empty and verbatim-repeated segments; keep times ordered and inside [0, duration]."""
+    out: list[Segment] = []
+    last_end = 0.0
+    for seg in segments:
+        text = seg.text.strip()
+        if not text:
+            continue
+        if drop_repeats and out and _comparable(text) == _comparable(out[-1].text):
+            continue  # the classic loop: the same sentence again and again
+        start = min(max(seg.start, last_end, 0.0), duration)
+        end = min(max(seg.end, start), duration)
+        out.append(Segment(start=start, end=end, text=text, words=seg.words, avg_logprob=seg.avg_logprob,
+                           no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio))
+        last_end = end
+    return out

@@ -104,3 +104,62 @@ def test_empty_audio_gives_an_empty_transcript(engine_fp32: Engine) -> None:
 
     result = engine_fp32.transcribe(np.zeros(0, dtype=np.float32), DecodeOptions(language="en"))
     assert result.segments == () and result.duration == 0.0
+
+
+def pink_noise(seconds: float, dbfs: float, seed: int = 0):
+    """Room-like noise: white noise shaped to 1/f, scaled to the given RMS level."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * 16000)
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    noise = np.fft.irfft(spectrum, n)
+    noise *= 10 ** (dbfs / 20) / np.sqrt(np.mean(noise**2))
+    return noise.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise"])
+def test_no_speech_gives_no_text(engine_fp32: Engine, kind: str) -> None:
+    """Whisper invents 'Thank you.' on silence; VAD keeps such stretches away from the model."""
+    import numpy as np
+
+    audio = np.zeros(20 * 16000, dtype=np.float32) if kind == "silence" else pink_noise(20, -40)
+    result = engine_fp32.transcribe(audio, DecodeOptions(language="auto"))
+    assert result.segments == ()
+    assert result.language == "und" and result.duration == 20.0
+
+
+def test_silence_around_speech_stays_silent(engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
+    """15 s of noise, a sentence, 15 s of noise: text only where the sentence is."""
+    import numpy as np
+
+    c = clip("en_librivox_ss01_0870")
+    speech = decode_audio(c.path)
+    audio = np.concatenate([pink_noise(15, -45, 1), speech, pink_noise(15, -45, 2)])
+    audio[15 * 16000 : 15 * 16000 + len(speech)] += pink_noise(len(speech) / 16000, -45, 3)[: len(speech)]
+    result = engine_fp32.transcribe(audio, DecodeOptions(language="auto"))
+    assert result.language == "en"
+    assert error_rate([c.reference], [result.text], "en") <= 0.1
+    onset, offset = 15.0, 15.0 + len(speech) / 16000
+    for seg in result.segments:
+        assert onset - 0.5 <= seg.start and seg.end <= offset + 0.5, seg
+    assert abs(result.segments[0].start - onset) <= 0.5
+
+
+def test_vad_off_decodes_the_whole_file_sequentially(engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
+    c = clip("en_mfa_michaelandsickmichael")
+    result = transcribe(engine_fp32, c, language="en", vad=False)
+    assert result.settings["vad"] is False
+    assert result.segments[-1].end > 45.0
+    assert error_rate([c.reference], [result.text], "en") < 0.15
+
+
+def test_repeated_segments_are_dropped() -> None:
+    from whisperd.engine.pipeline import clean_segments
+    from whisperd.transcript import Segment
+
+    segments = [Segment(0, 2, "Thanks for watching!"), Segment(2, 4, "thanks for watching"),
+                Segment(4, 6, "Thanks for watching!"), Segment(6, 8, "Bye.")]
+    assert [s.text for s in clean_segments(segments, 10.0, drop_repeats=True)] == ["Thanks for watching!", "Bye."]
+    assert len(clean_segments(segments, 10.0, drop_repeats=False)) == 4

@@ -98,7 +98,9 @@ class TransformersBackend:
 
     def _features(self, audio: np.ndarray | list[np.ndarray], long_form: bool = False) -> dict[str, torch.Tensor]:
         """Log-mel features for one file (long form) or a batch of <= 30 s windows, in one call."""
-        extra = {"truncation": False, "padding": "longest"} if long_form else {}
+        extra: dict[str, Any] = {"truncation": False, "padding": "longest"} if long_form else {}
+        if self.device == "cuda":
+            extra["device"] = "cuda"  # the STFT of a batch of windows is worth moving to the GPU
         inputs = self.processor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True,
                                 **extra)
         out = {"input_features": inputs.input_features.to(self.device, dtype=self.feature_dtype)}

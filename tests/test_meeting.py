@@ -294,30 +294,3 @@ def test_speed_helpers() -> None:
     assert audio_seconds_per_wall_second(100.0, 5.0) == pytest.approx(20.0)
     assert real_time_factor(1.0, 0.0) == math.inf
     assert audio_seconds_per_wall_second(1.0, 0.0) == math.inf
-
-
-# --- the real model on the meeting (numbers recorded; bounds are the maintainer's) ------------
-
-
-@pytest.mark.slow
-def test_engine_on_meeting(engine, meeting: Meeting) -> None:
-    import time
-
-    from whisperd.options import DecodeOptions
-    from whisperd.outputs import render
-
-    started = time.perf_counter()
-    transcript = engine.transcribe(meeting.audio, DecodeOptions(language="en"))
-    wall = time.perf_counter() - started
-    cues = cues_from_srt(render(transcript, "srt"))
-    wer = error_rate([meeting.reference], [transcript.text], "en")
-    stats = onset_stats([c.start for c in cues], meeting.onsets)
-    print(
-        f"\nmeeting {meeting.duration_s:.0f} s, {getattr(engine, 'settings', None)}: WER {wer:.3f}, "
-        f"cue-start error median {stats.median:.2f} s max {stats.max:.2f} s, {stats.within}/{stats.count} within 0.5 s, "
-        f"{words_in_span(cues, *meeting.silence)} words in the silence, max cue {max_cue_duration(cues):.1f} s, "
-        f"max line {max_line_length(cues)} chars, {audio_seconds_per_wall_second(meeting.duration_s, wall):.1f} audio s/wall s"
-    )
-    assert transcript.text.strip()
-    assert cues
-    assert wer < 0.5

@@ -16,7 +16,7 @@ import numpy as np
 from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Segment, Transcript
-from whisperd.vad import SAMPLING_RATE, SpeechDetector, Window, plan_windows
+from whisperd.vad import SAMPLING_RATE, Span, SpeechDetector, Window, plan_windows
 
 NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech to detect a language from
 
@@ -125,13 +125,37 @@ class WindowedEngine:
 
     def _decode_windows(self, audio: np.ndarray, windows: list[Window], language: str,
                         options: DecodeOptions) -> list[Segment]:
+        """Decode in batches; a window whose text stops short of its speech is decoded again from
+        where the text stopped (Whisper sometimes ends a window after its first sentence)."""
         out: list[Segment] = []
-        for batch in batched(windows, self.settings.batch_size):
-            decoded = self.backend.decode_windows([audio[w.start:w.end] for w in batch], language, options)
-            for window, segments in zip(batch, decoded):
-                out.extend(place_in_window(segments, window))
+        pending = [(w, 0) for w in windows]
+        while pending:
+            batch, pending = pending[: self.settings.batch_size], pending[self.settings.batch_size:]
+            decoded = self.backend.decode_windows([audio[w.start:w.end] for w, _ in batch], language, options)
+            for (window, retries), segments in zip(batch, decoded):
+                placed = place_in_window(segments, window)
+                out.extend(placed)
+                rest = remainder(window, placed)
+                if rest is not None and retries < MAX_RESUMES_PER_WINDOW:
+                    pending.append((rest, retries + 1))
+        out.sort(key=lambda seg: seg.start)
         return out
 
+
+MAX_RESUMES_PER_WINDOW = 3
+MIN_UNCOVERED_SPEECH_SECONDS = 1.0
+
+
+def remainder(window: Window, placed: list[Segment]) -> Window | None:
+    """The part of `window` after its last segment, if it still holds a second or more of speech."""
+    if not placed:
+        return None  # nothing at all: the no-speech gate judged the window, respect it
+    covered = int(max(seg.end for seg in placed) * SAMPLING_RATE)
+    spans = tuple(Span(max(sp.start, covered), sp.end) for sp in window.spans if sp.end > covered)
+    if sum(sp.end - sp.start for sp in spans) < MIN_UNCOVERED_SPEECH_SECONDS * SAMPLING_RATE:
+        return None
+    start = max(window.start, spans[0].start - int(0.5 * SAMPLING_RATE), covered)
+    return Window(start, window.end, spans)
 
 
 def batched(items: list[Window], size: int) -> Iterator[list[Window]]:

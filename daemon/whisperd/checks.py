@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from whisperd.config import ConfigError, load_config
+from whisperd.config import ConfigError, InboxConfig, load_config
 from whisperd.devices import UnsupportedSettingError, check_settings
 from whisperd.rules import RULE_FILE_NAME, RuleError, RuleResolver
 
@@ -20,15 +22,39 @@ def check_config(path: Path) -> list[str]:
         check_settings(config.engine.device, config.engine.precision)
     except UnsupportedSettingError as exc:
         problems.append(f"{path}: engine: {exc}")
+    problems.extend(check_state_dir(path, config.state_dir))
     resolver = RuleResolver()
     for inbox in config.inboxes:
         if not inbox.path.is_dir():
             problems.append(f"{path}: inbox {inbox.path} does not exist (it will be watched once it appears)")
             continue
-        pattern = f"**/{RULE_FILE_NAME}" if inbox.recursive else RULE_FILE_NAME
-        for rule_file in sorted(inbox.path.glob(pattern)):
+        for rule_file in rule_files(inbox):
             try:
                 resolver.load(rule_file)
             except RuleError as exc:
                 problems.append(str(exc))
     return problems
+
+
+def check_state_dir(config_path: Path, state_dir: Path) -> list[str]:
+    """The daemon must create its job database there; say so now rather than at start-up.
+
+    Write permission is not checked: the service usually runs as another user than the one checking.
+    """
+    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return [f"{config_path}: state_dir {state_dir}: {existing} is not a folder"]
+    return []
+
+
+def rule_files(inbox: InboxConfig) -> Iterator[Path]:
+    """The rule files the daemon would read: not under hidden folders, which it never watches,
+    and without following folder symlinks (no loops)."""
+    if not inbox.recursive:
+        if (inbox.path / RULE_FILE_NAME).is_file():
+            yield inbox.path / RULE_FILE_NAME
+        return
+    for folder, subfolders, files in os.walk(inbox.path):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if RULE_FILE_NAME in files:
+            yield Path(folder) / RULE_FILE_NAME

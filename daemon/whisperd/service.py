@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,25 +22,32 @@ from whisperd.config import ConfigError, DaemonConfig, InboxConfig, load_config
 from whisperd.jobstore import Job, JobStore
 from whisperd.logs import configure_logging, get_logger
 from whisperd.notify import Notifier
+from whisperd.options import OUTPUT_FORMATS
 from whisperd.outputs import output_paths
 from whisperd.rules import EffectiveRules, RuleError, RuleResolver
-from whisperd.status import STATUS_FILE
+from whisperd.status import STATUS_FILE, STATUS_REFRESH_SECONDS
 from whisperd.supervisor import JobOutcome, WorkerStartError, WorkerSupervisor
-from whisperd.watcher import Inbox, Watcher
+from whisperd.watcher import Inbox, Watcher, scan_inbox
 
 log = get_logger("whisperd.daemon")
 ERROR_SUFFIX = ".error.txt"
-STATUS_REFRESH_SECONDS = 15.0
+EXIT_FAILURE = 1  # systemd's Restart=on-failure starts us again
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it
+# Settings the running watcher and job store were built from; a reload cannot change them.
+RESTART_ONLY_SETTINGS = ("state_dir", "settle_seconds", "rescan_seconds", "log_format", "log_level")
 
 
 def error_file_for(audio: Path) -> Path:
     return audio.with_name(audio.stem + ERROR_SUFFIX)
 
 
-def remove_stale_temp_outputs(audio: Path, formats: tuple[str, ...]) -> None:
-    """Temp files a killed worker left for this file's outputs (hidden, so no one else reads them)."""
-    for target in output_paths(audio, formats).values():
+def remove_stale_temp_outputs(audio: Path) -> None:
+    """Temp files a killed worker left for this file's outputs (hidden, so no one else reads them).
+
+    Every format is swept, not only the current rules' ones: the rules may have changed since
+    the attempt that left them.
+    """
+    for target in output_paths(audio, OUTPUT_FORMATS).values():
         for stale in target.parent.glob(f".{target.name}.*{TEMP_MARKER}"):
             stale.unlink(missing_ok=True)
 
@@ -52,18 +60,59 @@ def outputs_up_to_date(audio: Path, st: os.stat_result, formats: tuple[str, ...]
         return False
 
 
+class EmptyFileSweep:
+    """Finds zero-byte recordings, which the watcher never reports.
+
+    The watcher skips empty files because a file being created is empty for a moment; but a file
+    that *stays* empty would then sit in the inbox with no job and no explanation. A file seen
+    empty and unchanged by two sweeps at least `grace_seconds` apart is handed on like any
+    complete file, so it ends `failed` with a note beside it.
+    """
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.next_at = time.monotonic() + grace_seconds
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_at
+
+    def sweep(self, inboxes: list[Inbox]) -> list[tuple[Path, os.stat_result]]:
+        self.next_at = time.monotonic() + self.grace_seconds
+        now = time.time()
+        seen: dict[str, tuple[int, int]] = {}
+        found: list[tuple[Path, os.stat_result]] = []
+        for inbox in inboxes:
+            for path, st in scan_inbox(inbox):
+                if st.st_size != 0:
+                    continue
+                key = (st.st_mtime_ns, st.st_ino)
+                if self._seen.get(path) == key and now - st.st_mtime >= self.grace_seconds:
+                    found.append((Path(path), st))
+                seen[path] = key
+        self._seen = seen
+        return found
+
+
 class Daemon:
     def __init__(self, config_path: Path, overrides: dict[str, Any] | None = None) -> None:
         self.config_path = config_path
         self.overrides = overrides or {}
-        self.config: DaemonConfig = load_config(config_path, self.overrides)
-        self.notifier = Notifier()
+        # A bad config is reported by run() with EX_CONFIG, so that systemd does not restart-loop on it.
+        self.config_error: ConfigError | None = None
+        try:
+            self.config: DaemonConfig = load_config(config_path, self.overrides)
+        except ConfigError as exc:
+            self.config_error = exc
+        watchdog_seconds = None if self.config_error else self.config.watchdog_seconds
+        self.notifier = Notifier(watchdog_seconds)
         self.rules = RuleResolver()
         self._rules_lock = threading.Lock()
         self.wake = threading.Event()
         self.stop_requested = False
         self.stop_deadline: float | None = None
         self.reload_requested = False
+        self.exit_code = 0
         self.started_at = time.time()
         self.current_job: Job | None = None
         self._last_status_write = 0.0
@@ -71,14 +120,25 @@ class Daemon:
         self.store: JobStore | None = None
         self.watcher: Watcher | None = None
         self.supervisor: WorkerSupervisor | None = None
+        self.empty_files: EmptyFileSweep | None = None
 
     # -- wiring ------------------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.config_error is not None:
+            print(f"whisperd: {self.config_error}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
         cfg = self.config
         configure_logging(cfg.log_format, cfg.log_level)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._take_state_lock()
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self._take_state_lock()
+        except OSError as exc:
+            log.error("cannot use the state directory", state_dir=str(cfg.state_dir), error=str(exc))
+            return EXIT_CONFIG
+        except ConfigError as exc:
+            log.error("cannot start", error=str(exc))
+            return EXIT_FAILURE
         self._install_signal_handlers()
         self.store = JobStore(cfg.database_path)
         recovered = self.store.requeue_running(max_attempts=cfg.jobs.max_attempts)
@@ -87,13 +147,15 @@ class Daemon:
         self.watcher = Watcher(self._inboxes(cfg), self.on_file_ready, settle_seconds=cfg.settle_seconds,
                                rescan_seconds=cfg.rescan_seconds)
         self.watcher.start()
+        self.empty_files = EmptyFileSweep(max(cfg.rescan_seconds, cfg.settle_seconds))
         self.supervisor = WorkerSupervisor(cfg.engine.settings(), cfg.log_format, cfg.log_level)
         self.notifier.status("loading model")
         self._write_status(force=True)
         try:
-            self.supervisor.start(self._tick)
+            self.supervisor.start(self._loading_tick)
         except WorkerStartError as exc:
-            log.error("cannot load the model", error=str(exc))
+            if not self.stop_requested:
+                log.error("cannot load the model", error=str(exc))
             self._shutdown()
             return 0 if self.stop_requested else EXIT_CONFIG
         self.notifier.ready(self._status_line())
@@ -102,7 +164,7 @@ class Daemon:
             self._main_loop()
         finally:
             self._shutdown()
-        return 0
+        return self.exit_code
 
     @staticmethod
     def _inboxes(cfg: DaemonConfig) -> list[Inbox]:
@@ -124,9 +186,13 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_reload_signal)
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        """The first signal lets the running job finish (up to stop_timeout_seconds); a second one
+        (Ctrl-C again) hands it back to the queue at once."""
         if not self.stop_requested:
             self.stop_requested = True
             self.stop_deadline = time.monotonic() + self.config.stop_timeout_seconds
+        else:
+            self.stop_deadline = time.monotonic()
         self.wake.set()
 
     def _on_reload_signal(self, signum: int, _frame: object) -> None:
@@ -171,27 +237,78 @@ class Daemon:
             return time.monotonic() < self.stop_deadline
         return True
 
+    def _loading_tick(self) -> bool:
+        """Like `_tick`, but a stop aborts at once: there is no job to finish while a model loads."""
+        return self._tick() and not self.stop_requested
+
     def _main_loop(self) -> None:
         assert self.store is not None
         while not self.stop_requested:
             if self.reload_requested:
                 self._reload()
+            if not self._ensure_worker():
+                break
             self._tick()
+            self._sweep_empty_files()
             job = self.store.claim_next(worker_pid=self.supervisor.pid if self.supervisor else None)
             if job is None:
                 self.notifier.status(self._status_line())
                 self.wake.wait(self._idle_wait())
                 self.wake.clear()
                 continue
-            self.process(job)
+            self._process_guarded(job)
+
+    def _ensure_worker(self) -> bool:
+        """Start a worker again after one was lost, before claiming: the model is warm when the next
+        job comes, the job records the pid that really runs it, and status shows the truth.
+        False when the loop must end (stopping, or the model no longer loads)."""
+        assert self.supervisor is not None
+        if self.supervisor.alive():
+            return True
+        self.notifier.status("restarting the worker")
+        try:
+            self.supervisor.start(self._loading_tick)
+        except WorkerStartError as exc:
+            if self.stop_requested:
+                return False
+            log.error("cannot restart the worker; exiting so the service manager can restart whisperd",
+                      error=str(exc))
+            self.exit_code = EXIT_FAILURE
+            self.stop_requested = True
+            return False
+        self._write_status(force=True)
+        return True
+
+    def _sweep_empty_files(self) -> None:
+        if self.empty_files is None or not self.empty_files.due():
+            return
+        for path, st in self.empty_files.sweep(self._inboxes(self.config)):
+            self.on_file_ready(path, st)
 
     def _idle_wait(self) -> float:
         assert self.store is not None
         next_at = self.store.next_claimable_at()
-        wait = 5.0 if self.notifier.watchdog_interval is None else min(5.0, self.notifier.watchdog_interval / 2)
+        ping_in = self.notifier.seconds_to_next_ping()
+        wait = 5.0 if ping_in is None else min(5.0, max(0.05, ping_in))
+        if self.empty_files is not None:
+            wait = min(wait, max(0.05, self.empty_files.next_at - time.monotonic()))
         if next_at is not None:
             wait = min(wait, max(0.05, next_at - time.time()))
         return wait
+
+    def _process_guarded(self, job: Job) -> None:
+        """One job's unexpected error (a bug, a database hiccup) must not take the daemon down."""
+        try:
+            self.process(job)
+        except Exception as exc:
+            self.current_job = None
+            log.exception("unexpected error while handling a job", job_id=job.id, path=str(job.path))
+            try:
+                current = self.store.get(job.id) if self.store else None
+                if current is not None and current.state == "running":
+                    self.fail(current, f"internal error in whisperd: {type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("cannot record the failure", job_id=job.id)
 
     def process(self, job: Job) -> None:
         assert self.store is not None and self.supervisor is not None
@@ -208,6 +325,9 @@ class Daemon:
             self.store.enqueue(path, st.st_size, st.st_mtime_ns)
             bound.info("job dropped", result="changed")
             return
+        if st.st_size == 0:
+            self.fail(job, f"{path.name}: empty file (0 bytes): there is nothing to transcribe")
+            return
         try:
             rules = self.effective_rules(path)
             options = rules.decode_options()
@@ -216,7 +336,7 @@ class Daemon:
             return
         audio_seconds = probe_duration(path)
         timeout = self.config.jobs.timeout_for(audio_seconds)
-        remove_stale_temp_outputs(path, rules.outputs)
+        remove_stale_temp_outputs(path)
         self.current_job = job
         self._write_status(force=True)
         self.notifier.status(self._status_line())
@@ -247,13 +367,13 @@ class Daemon:
                        wall_seconds=round(reply["wall_seconds"], 2), language=reply["language"],
                        worker_pid=reply["pid"], segments=reply["segments"])
         elif outcome.kind == "interrupted":
-            remove_stale_temp_outputs(path, rules.outputs)
+            remove_stale_temp_outputs(path)
             self.store.requeue(job.id, count_attempt=False, error="requeued: whisperd stopped during the job")
             bound.info("job requeued", result="requeued")
         elif outcome.permanent:
             self.fail(job, outcome.error)
         else:
-            remove_stale_temp_outputs(path, rules.outputs)
+            remove_stale_temp_outputs(path)
             attempts = job.attempts + 1
             if attempts >= self.config.jobs.max_attempts:
                 self.fail(job, f"{outcome.error} (gave up after {attempts} attempts)")
@@ -265,20 +385,26 @@ class Daemon:
         self._write_status(force=True)
 
     def fail(self, job: Job, error: str) -> None:
-        """Mark failed, and tell the user next to the file (removed again when a later run succeeds)."""
+        """Tell the user next to the file (removed again when a later run succeeds), then mark failed.
+
+        The note comes first, so that whoever sees `failed` in the job store or the log finds it.
+        """
         assert self.store is not None
-        failed = self.store.mark_failed(job.id, error)
-        log.error("job failed", job_id=job.id, path=str(job.path), result="failed", error=error,
-                  attempts=failed.attempts)
+        attempts = job.attempts + 1  # mark_failed counts the failing attempt
+        remove_stale_temp_outputs(job.path)
         note = (
             f"whisperd could not transcribe {job.path.name}\n\n{error}\n\n"
-            f"attempts: {failed.attempts}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+            f"attempts: {attempts}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
             "Replace or touch the file to try again.\n"
         )
         try:
             atomic_write_text(error_file_for(job.path), note)
         except OSError as exc:
             log.warning("cannot write error file", path=str(job.path), error=str(exc))
+        failed = self.store.mark_failed(job.id, error)
+        log.error("job failed", job_id=job.id, path=str(job.path), result="failed", error=error,
+                  attempts=failed.attempts)
+        self._write_status(force=True)
 
     # -- reload and status ------------------------------------------------------------------
 
@@ -292,23 +418,38 @@ class Daemon:
             log.error("reload failed; keeping the running configuration", error=str(exc))
             self.notifier.ready(f"reload failed: {exc}"[:200])
             return
-        old, self.config = self.config, new
+        old = self.config
+        changed = [key for key in RESTART_ONLY_SETTINGS if getattr(new, key) != getattr(old, key)]
+        if changed:
+            log.warning("these settings take effect after a restart", keys=changed)
+            new = new.model_copy(update={key: getattr(old, key) for key in changed})
+        self.config = new
+        self.notifier.set_watchdog_seconds(new.watchdog_seconds)
         with self._rules_lock:
             self.rules = RuleResolver()
         assert self.watcher is not None and self.supervisor is not None
         self.watcher.update_inboxes(self._inboxes(new))
         if new.engine != old.engine:
-            self.supervisor.stop()
-            self.supervisor = WorkerSupervisor(new.engine.settings(), new.log_format, new.log_level)
-            try:
-                self.supervisor.start(self._tick)
-            except WorkerStartError as exc:
-                log.error("new engine settings cannot load; keeping the old ones", error=str(exc))
-                self.config = old.model_copy(update={"inboxes": new.inboxes})
-                self.supervisor = WorkerSupervisor(old.engine.settings(), old.log_format, old.log_level)
-                self.supervisor.start(self._tick)
-        log.info("configuration reloaded", inboxes=[str(i.path) for i in new.inboxes])
+            self._switch_engine(old)
+        log.info("configuration reloaded", inboxes=[str(i.path) for i in self.config.inboxes])
         self.notifier.ready(self._status_line())
+        self._write_status(force=True)
+
+    def _switch_engine(self, old: DaemonConfig) -> None:
+        """Load the new engine settings; if they cannot load, keep the old engine (and the rest of the new config)."""
+        assert self.supervisor is not None
+        new = self.config
+        self.supervisor.stop()
+        self.supervisor = WorkerSupervisor(new.engine.settings(), new.log_format, new.log_level)
+        try:
+            self.supervisor.start(self._loading_tick)
+        except WorkerStartError as exc:
+            if self.stop_requested:
+                return
+            log.error("new engine settings cannot load; keeping the old ones", error=str(exc))
+            self.config = new.model_copy(update={"engine": old.engine})
+            self.supervisor = WorkerSupervisor(old.engine.settings(), old.log_format, old.log_level)
+            # Started again by _ensure_worker, which exits cleanly if even the old settings fail now.
 
     def _status_line(self) -> str:
         counts = self.store.counts() if self.store else {}
@@ -350,4 +491,4 @@ class Daemon:
         self._write_status(force=True)
         if self.store:
             self.store.close()
-        log.info("daemon stopped")
+        log.info("daemon stopped", exit_code=self.exit_code)

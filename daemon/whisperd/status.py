@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from whisperd.jobstore import Job, JobStore
+from whisperd.jobstore import Job, JobStore, JobStoreError
 
 STATUS_FILE = "daemon.json"
+STATUS_REFRESH_SECONDS = 15.0  # the daemon rewrites its status file at least this often while it runs
 
 
 def pid_alive(pid: int) -> bool:
@@ -31,22 +33,57 @@ def _job_summary(job: Job) -> dict[str, Any]:
     }
 
 
-def collect_status(state_dir: Path, failures: int = 10) -> dict[str, Any]:
-    db = state_dir / "jobs.sqlite3"
-    report: dict[str, Any] = {"state_dir": str(state_dir), "daemon": None, "counts": {}, "running": [], "failures": []}
+def _recent_done_ids(db: Path, limit: int) -> list[int]:
+    """Ids of the last jobs done. JobStore has no query for these yet, so ask SQLite directly
+    (read-only, and only for ids: the rows are still read through JobStore)."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    try:
+        rows = conn.execute(
+            "SELECT id FROM jobs WHERE state = 'done' ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [int(r[0]) for r in rows]
+
+
+def _read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
     status_file = state_dir / STATUS_FILE
-    if status_file.exists():
-        daemon = json.loads(status_file.read_text())
-        daemon["alive"] = pid_alive(int(daemon["pid"]))
-        report["daemon"] = daemon
-    if db.exists():
+    try:
+        daemon = json.loads(status_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"pid": None, "alive": False, "error": f"{status_file}: {exc}"}
+    daemon["alive"] = bool(daemon.get("pid")) and pid_alive(int(daemon["pid"]))
+    return daemon
+
+
+def collect_status(state_dir: Path, failures: int = 10, recent: int = 10) -> dict[str, Any]:
+    """Daemon liveness (from its status file) and the queue (from the job store), as plain data.
+
+    `recent` lists the last jobs done, with their attempts: after a retry, that is where one sees
+    that the job finished and how many tries it took.
+    """
+    db = state_dir / "jobs.sqlite3"
+    report: dict[str, Any] = {"state_dir": str(state_dir), "daemon": _read_daemon_file(state_dir), "counts": {},
+                              "running": [], "failures": [], "recent": [], "error": None}
+    if not db.exists():
+        return report
+    try:
         store = JobStore(db)
-        try:
-            report["counts"] = store.counts()
-            report["running"] = [_job_summary(j) for j in store.running()]
-            report["failures"] = [_job_summary(j) for j in store.recent_failures(failures)]
-        finally:
-            store.close()
+    except (sqlite3.Error, JobStoreError, OSError) as exc:
+        report["error"] = f"cannot open the job database {db}: {exc}"
+        return report
+    try:
+        report["counts"] = store.counts()
+        report["running"] = [_job_summary(j) for j in store.running()]
+        report["failures"] = [_job_summary(j) for j in store.recent_failures(failures)]
+        jobs = (store.get(i) for i in _recent_done_ids(db, recent)) if recent > 0 else ()
+        report["recent"] = [_job_summary(j) for j in jobs if j is not None]
+    except sqlite3.Error as exc:
+        report["error"] = f"cannot read the job database {db}: {exc}"
+    finally:
+        store.close()
     return report
 
 
@@ -62,19 +99,40 @@ def format_status(report: dict[str, Any]) -> str:
     daemon = report["daemon"]
     if daemon is None:
         lines.append("daemon: never started here")
+    elif daemon.get("error"):
+        lines.append(f"daemon: unknown ({daemon['error']})")
     elif not daemon["alive"]:
-        lines.append(f"daemon: not running (last pid {daemon['pid']}, last update {_ago(daemon['updated_at'])})")
+        lines.append(f"daemon: not running (last pid {daemon['pid']}, last update {_ago(daemon.get('updated_at'))})")
     else:
         engine = daemon.get("engine") or {}
         ready = "ready" if daemon.get("ready") else "loading model"
         lines.append(f"daemon: running, pid {daemon['pid']}, {ready}, worker pid {daemon.get('worker_pid')}, "
                      f"model {engine.get('model', '?')} on {engine.get('device', '?')} ({engine.get('precision', '?')})")
+        updated = daemon.get("updated_at") or 0
+        if time.time() - updated > 4 * STATUS_REFRESH_SECONDS:
+            lines.append(f"warning: the daemon last updated its status {_ago(updated)}; it may be stuck")
+    if report.get("error"):
+        lines.append(f"error: {report['error']}")
     counts = report["counts"]
     lines.append("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed", "superseded")))
     for job in report["running"]:
         lines.append(f"running: {job['path']} (attempt {job['attempts'] + 1})")
+    if report.get("recent"):
+        lines.append("recently done:")
+        for job in report["recent"]:
+            lines.append(f"  {job['path']} ({_ago(job['finished_at'])}, {_done_detail(job)})")
     if report["failures"]:
         lines.append("recent failures:")
         for job in report["failures"]:
-            lines.append(f"  {job['path']} ({_ago(job['finished_at'])}, {job['attempts']} attempts): {job['error']}")
+            lines.append(f"  {job['path']} ({_ago(job['finished_at'])}, attempts {job['attempts']}): {job['error']}")
     return "\n".join(lines)
+
+
+def _done_detail(job: dict[str, Any]) -> str:
+    """`12.3 s audio in 4.1 s, attempts 2 (1 failed: <why>)`: a retried job says why it needed one."""
+    audio, wall = job.get("audio_seconds"), job.get("wall_seconds")
+    speed = f"{audio:.1f} s audio in {wall:.1f} s" if audio is not None and wall is not None else "done"
+    failed = job["attempts"]
+    if not failed:
+        return f"{speed}, attempts 1"
+    return f"{speed}, attempts {failed + 1} ({failed} failed: {job['error']})"

@@ -7,6 +7,7 @@ whether the job is retried or failed.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class WorkerSupervisor:
         self.stop()
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=worker_main, args=(child, self.settings, self.log_format, self.log_level),
+            target=worker_main, args=(child, self.settings, self.log_format, self.log_level, os.getpid()),
             name="whisperd-worker", daemon=True,
         )
         process.start()
@@ -70,7 +71,7 @@ class WorkerSupervisor:
         deadline = time.monotonic() + self.load_timeout
         while time.monotonic() < deadline:
             if not tick():
-                self.stop()
+                self.stop(graceful=False)  # it reads no messages while loading
                 raise WorkerStartError("interrupted while loading the model")
             if parent.poll(POLL_SECONDS):
                 try:
@@ -101,7 +102,10 @@ class WorkerSupervisor:
         if not self.alive():
             self.start(tick)
         assert self._conn is not None and self._process is not None
-        self._conn.send({"type": "job", **request})
+        try:
+            self._conn.send({"type": "job", **request})
+        except OSError:  # BrokenPipeError: it died since alive() said otherwise
+            return self._lost("crashed", "the worker process died before it got the job")
         deadline = time.monotonic() + timeout
         while True:
             if self._conn.poll(POLL_SECONDS):

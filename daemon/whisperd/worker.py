@@ -19,22 +19,32 @@ from typing import Any
 from whisperd.options import DecodeOptions, EngineSettings
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PROCESS_NAME = b"whisperd-worker"  # what ps, top and pgrep show (at most 15 bytes)
 # Errors that will not go away by trying again.
 PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.EACCES, errno.EPERM}
 
 
-def die_with_parent() -> None:
-    """Ask Linux to kill this process if the daemon dies, so an orphan never writes outputs twice."""
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this process if the daemon dies, so an orphan never writes outputs twice.
+
+    The daemon may have died before the request was made (it would never fire then), so check
+    that it is still our parent afterwards. Also name the process, so it is recognisable in ps.
+    """
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME))
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def classify_error(exc: BaseException) -> bool:
     """True when retrying cannot help (bad audio, unusable request, file gone); False for transient errors."""
     from whisperd.audio import AudioDecodeError
-    from whisperd.engine.transformers_backend import TranscriptionError
+    from whisperd.engine import TranscriptionError
 
     if isinstance(exc, (AudioDecodeError, TranscriptionError, ValueError)):
         return True
@@ -46,7 +56,7 @@ def classify_error(exc: BaseException) -> bool:
 def describe_error(exc: BaseException) -> str:
     """Our own errors already read as sentences naming the file; others get their type for context."""
     from whisperd.audio import AudioDecodeError
-    from whisperd.engine.transformers_backend import TranscriptionError
+    from whisperd.engine import TranscriptionError
 
     if isinstance(exc, (AudioDecodeError, TranscriptionError)):
         return str(exc)
@@ -79,11 +89,14 @@ def run_job(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log_level: str) -> None:
+def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log_level: str,
+                parent_pid: int) -> None:
     """Entry point of the worker process (spawned, so it shares no threads or locks with the daemon)."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+    # The daemon decides when we stop: a signal sent to the whole process group (Ctrl-C, `timeout`,
+    # KillMode=control-group) must not kill the job it would rather finish or hand back cleanly.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     from whisperd.logs import configure_logging
 
     configure_logging(log_format, log_level)

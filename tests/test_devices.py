@@ -80,3 +80,13 @@ def test_unknown_language_code() -> None:
         DecodeOptions(language="xx")
     with pytest.raises(ValueError, match="unknown task"):
         DecodeOptions(task="summarise")
+
+
+def test_language_table_matches_transformers() -> None:
+    """The copied table (kept so config validation does not import torch) equals Whisper's own."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    from whisperd import language_table
+
+    assert language_table.LANGUAGES == LANGUAGES
+    assert language_table.TO_LANGUAGE_CODE == TO_LANGUAGE_CODE

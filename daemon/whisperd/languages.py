@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+from whisperd.language_table import LANGUAGES, TO_LANGUAGE_CODE
 
 AUTO = "auto"
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -107,17 +105,12 @@ def run_child(args: argparse.Namespace) -> None:
 def machine_line(threads: int | None) -> str:
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from accuracy import machine_info  # the sibling benchmark; same description of the machine
+
+    info = machine_info()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"machine: {cpu}, {os.cpu_count()} cores, threads {threads or torch.get_num_threads()}, GPU {gpu}; "
-            f"torch {torch.__version__}, python {platform.python_version()}")
+    return (f"machine: {info['cpu']}, {info['logical_cores']} cores, threads {threads or torch.get_num_threads()}, "
+            f"GPU {gpu}, load average {info['load_average']}; torch {torch.__version__}, python {info['python']}")
 
 
 def run_parent(args: argparse.Namespace) -> int:

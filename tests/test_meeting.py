@@ -11,7 +11,7 @@ import srt
 
 import whisperd.evaluation.meeting as meeting_mod
 from whisperd.audio import decode_audio
-from whisperd.evaluation import error_rate, fetch_clips, load_manifest
+from whisperd.evaluation import fetch_clips, load_manifest
 from whisperd.evaluation.meeting import MEETING_CLIPS, SILENCE_SECONDS, Meeting, build_meeting, speech_bounds
 from whisperd.evaluation.metrics import (
     Cue,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from whisperd.languages import normalize_language
-from whisperd.options import OUTPUT_FORMATS, DecodeOptions
+from whisperd.options import DecodeOptions
 
 RULE_FILE_NAME = ".whisperd.yaml"
 OutputFormat = Literal["txt", "srt", "vtt", "json"]

@@ -16,7 +16,6 @@ every file appears by atomic rename, so a reader never sees half a file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import json
 import logging
@@ -31,13 +30,14 @@ import tempfile
 import wave
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import IO
 
 from whisperd import paths
+from whisperd.locks import file_lock
 
 __all__ = [
     "ClipFetchError",
@@ -172,7 +172,7 @@ def _materialise(package: str, version: str, dist: str, sources: list[ClipSource
     """Make sure every clip of ``sources`` (all from one archive) is on disk."""
     if all(_clip_path(s).is_file() for s in sources):
         return  # fast path, no lock: files only ever appear complete
-    with _lock(f"{_normalise_name(package)}-{version}-{dist}"):
+    with file_lock(clips_dir() / ".locks" / f"{_normalise_name(package)}-{version}-{dist}.lock"):
         missing = [s for s in sources if not _clip_path(s).is_file()]
         if not missing:
             return  # another process finished it while we waited
@@ -188,18 +188,6 @@ def _materialise(package: str, version: str, dist: str, sources: list[ClipSource
                 archive.unlink(missing_ok=True)
                 if attempt == 2:
                     raise ClipFetchError(f"{archive.name}: cannot extract clips ({exc})") from exc
-
-
-@contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    lock_dir = clips_dir() / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _normalise_name(name: str) -> str:

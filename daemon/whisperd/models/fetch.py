@@ -11,7 +11,6 @@ interrupted runs never see half a model.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import json
@@ -24,12 +23,13 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from whisperd import paths
+from whisperd.locks import file_lock
 from whisperd.models.ct2 import (
     CONVERTER_VERSION,
     MARKER_NAME,
@@ -156,21 +156,9 @@ def _looks_like_path(name: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def model_lock(key: str) -> Iterator[None]:
-    """Exclusive per-model lock across processes (fcntl.flock; released when the fd closes)."""
-    lock_dir = paths.models_dir() / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process that is fetching model %s", key)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def model_lock(key: str) -> contextlib.AbstractContextManager[None]:
+    """Exclusive per-model lock across processes."""
+    return file_lock(paths.models_dir() / ".locks" / f"{key}.lock")
 
 
 # --------------------------------------------------------------------------------------------

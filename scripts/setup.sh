@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-reqs=(requirements/runtime.txt)
+reqs=(requirements/runtime.txt requirements/openvino.txt requirements/openvino-export.txt)
 [[ "${1:-}" == "--test" ]] && reqs+=(requirements/test.txt)
 
 if [[ ! -x .venv/bin/python ]]; then
@@ -19,7 +19,7 @@ want=$(cat "${reqs[@]}" requirements/ipex-nodeps.txt pyproject.toml | sha256sum 
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
     args=()
     for r in "${reqs[@]}"; do args+=(-r "$r"); done
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}" -c requirements/runtime.txt
     # ipex-llm's declared extras pin torch 2.1 builds that PyPI does not carry.
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/ipex-nodeps.txt
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from whisperd.config import ConfigError, InboxConfig, load_config
-from whisperd.devices import UnsupportedSettingError, check_settings
+from whisperd.devices import UnsupportedSettingError, check_engine_settings
 from whisperd.rules import RULE_FILE_NAME, RuleError, RuleResolver
 
 
@@ -19,7 +19,7 @@ def check_config(path: Path) -> list[str]:
         return [str(exc)]
     problems: list[str] = []
     try:
-        check_settings(config.engine.device, config.engine.precision)
+        check_engine_settings(config.engine.backend, config.engine.device, config.engine.precision)
     except UnsupportedSettingError as exc:
         problems.append(f"{path}: engine: {exc}")
     problems.extend(check_state_dir(path, config.state_dir))

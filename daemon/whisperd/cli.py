@@ -10,7 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from whisperd.logs import quiet_library_warnings
-from whisperd.options import DEVICES, OUTPUT_FORMATS, PRECISIONS, TASKS, DecodeOptions, EngineSettings
+from whisperd.options import (
+    BACKENDS,
+    DEVICES,
+    OPENVINO_DEVICES,
+    OPENVINO_PRECISIONS,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    TASKS,
+    DecodeOptions,
+    EngineSettings,
+)
 
 
 def parse_formats(value: str) -> tuple[str, ...]:
@@ -23,8 +33,10 @@ def parse_formats(value: str) -> tuple[str, ...]:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, transformers dir or CTranslate2 dir (default openai/whisper-base)")
-    parser.add_argument("--device", choices=DEVICES)
-    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--backend", choices=BACKENDS, help="transformers (default) or openvino")
+    parser.add_argument("--device", help=f"transformers: {', '.join(DEVICES)}; openvino: {', '.join(OPENVINO_DEVICES)}")
+    parser.add_argument("--precision",
+                        help=f"transformers: {', '.join(PRECISIONS)}; openvino: {', '.join(OPENVINO_PRECISIONS)}")
     parser.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
     parser.add_argument("--cpu-embedding", action="store_true", default=None, help="keep embeddings on the CPU (Intel iGPU)")
 
@@ -73,7 +85,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     options = DecodeOptions(language=args.language, task=args.task, initial_prompt=args.initial_prompt)
     settings = EngineSettings().with_overrides(
         model=args.model, device=args.device, precision=args.precision, threads=args.threads,
-        cpu_embedding=args.cpu_embedding,
+        cpu_embedding=args.cpu_embedding, backend=args.backend,
     )
     engine = create_engine(settings)
     failed = 0
@@ -103,7 +115,7 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {k: getattr(args, k) for k in ("model", "device", "precision", "threads", "cpu_embedding")
+    return {k: getattr(args, k) for k in ("model", "device", "precision", "threads", "cpu_embedding", "backend")
             if getattr(args, k, None) is not None}
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from whisperd.options import DEVICES, PRECISIONS, EngineSettings
+from whisperd.options import DEVICES, OPENVINO_PRECISIONS, PRECISIONS, EngineSettings
 from whisperd.rules import RuleSet, describe_validation_error
 
 
@@ -28,6 +28,7 @@ class InboxConfig(_Strict):
 
 
 class EngineConfig(_Strict):
+    backend: Literal["transformers", "openvino"] = "transformers"
     model: str = "openai/whisper-medium"
     device: str = "auto"
     precision: str = "auto"
@@ -37,16 +38,18 @@ class EngineConfig(_Strict):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in DEVICES:
+    def _device(cls, v: str, info: ValidationInfo) -> str:
+        # OpenVINO also takes its own device names (GPU.1); they are checked when the engine starts.
+        if info.data.get("backend", "transformers") == "transformers" and v not in DEVICES:
             raise ValueError(f"use one of {', '.join(DEVICES)}")
         return v
 
     @field_validator("precision")
     @classmethod
-    def _precision(cls, v: str) -> str:
-        if v not in PRECISIONS:
-            raise ValueError(f"use one of {', '.join(PRECISIONS)}")
+    def _precision(cls, v: str, info: ValidationInfo) -> str:
+        allowed = PRECISIONS if info.data.get("backend", "transformers") == "transformers" else OPENVINO_PRECISIONS
+        if v not in allowed:
+            raise ValueError(f"use one of {', '.join(allowed)}")
         return v
 
     def settings(self) -> EngineSettings:

@@ -160,3 +160,14 @@ def check_openvino_settings(device: str, precision: str, available: tuple[str, .
     return OpenVINOPlan(device=ov_device, precision=OPENVINO_AUTO_PRECISION if precision == "auto" else precision,
                         available=devices)
 # <<< openvino backend ---------------------------------------------------------------------------
+
+
+def check_engine_settings(backend: str, device: str, precision: str) -> LoadPlan | OpenVINOPlan:
+    """The device/precision check of whichever backend is configured (before anything loads)."""
+    from whisperd.options import BACKENDS
+
+    if backend == "openvino":
+        return check_openvino_settings(device, precision)
+    if backend != "transformers":
+        raise UnsupportedSettingError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return check_settings(device, precision)

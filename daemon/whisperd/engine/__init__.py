@@ -24,10 +24,14 @@ class Engine(Protocol):
 
 def create_engine(settings: EngineSettings) -> Engine:
     """Validate the settings (cheap, before any weights load), then load the model once."""
-    from whisperd.devices import check_settings
-
-    plan = check_settings(settings.device, settings.precision)
+    from whisperd.devices import check_engine_settings
     from whisperd.engine.pipeline import WindowedEngine
+
+    plan = check_engine_settings(settings.backend, settings.device, settings.precision)
+    if settings.backend == "openvino":
+        from whisperd.engine.openvino_backend import OpenVINOBackend
+
+        return WindowedEngine(OpenVINOBackend(settings, plan), settings, plan.device)
     from whisperd.engine.transformers_backend import TransformersBackend
 
     return WindowedEngine(TransformersBackend(settings, plan), settings, plan.device)

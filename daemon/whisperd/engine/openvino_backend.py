@@ -1,0 +1,244 @@
+"""Whisper through OpenVINO GenAI (`openvino_genai.WhisperPipeline`) on Intel CPUs, GPUs and NPUs.
+
+Intel's maintained route for Whisper on its hardware since ipex-llm and IPEX were archived. The
+transformers model directory that `resolve_model` gives is exported once to OpenVINO IR with the
+requested weight compression (whisperd.models.openvino_export); after that, loading takes well under
+a second and running needs only openvino, openvino-genai and openvino-tokenizers.
+
+What the pipeline does not have, and how whisperd deals with it:
+- No VAD, temperature fallback, no-speech, logprob or compression-ratio gates; per-token scores are
+  always 1.0. The WindowedEngine feeds it VAD windows of <= 30 s and drops repeated segments; the
+  gates in DecodeOptions are not applied by this backend (temperatures[0] is used, no fallback).
+- `condition_on_previous_text` cannot be switched: with VAD off, `decode_long_form` hands the whole
+  file to the pipeline, which walks it in 30 s steps by its own rules.
+- Language detection is not exposed with a probability. `detect_language` runs the exported encoder
+  and one decoder step itself (compiled on first use) and takes the softmax over the language
+  tokens, as transformers does.
+- Not re-entrant ("Infer Request is busy"): one pipeline per backend, every call under a lock.
+- Word timestamps must be switched on when the pipeline is built (and cost time on every call), so
+  a second pipeline with them is built on the first job that asks for words, and used only for those.
+- CPU pinning is off, so several pipelines (daemons, workers) share cores instead of stacking on the
+  same ones; `threads` sets INFERENCE_NUM_THREADS.
+
+Device: the OpenVINO name from devices.check_openvino_settings (CPU, GPU, GPU.1, NPU). Execution
+precision is OpenVINO's default for the device (bf16 on CPUs with native bf16, f16 on GPUs); the
+`precision` setting chooses the weight format of the IR (int8, int4, fp16, fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from whisperd.devices import OpenVINOPlan
+from whisperd.options import DecodeOptions, EngineSettings
+from whisperd.transcript import Segment, Word
+
+log = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16000
+WINDOW_SAMPLES = 30 * SAMPLING_RATE
+
+
+def pipeline_properties(device: str, threads: int | None) -> dict[str, Any]:
+    """OpenVINO compile properties: CPU-only keys are passed only to the CPU plugin (others reject them)."""
+    if device.split(".")[0] != "CPU":
+        # GPU and NPU compile kernels at load (seconds to minutes); OpenVINO's model cache keeps them.
+        # Not exercised here (no Intel GPU/NPU on the test machines).
+        from whisperd import paths
+
+        return {"CACHE_DIR": str(paths.models_dir() / "openvino" / ".compiled" / device)}
+    props: dict[str, Any] = {"ENABLE_CPU_PINNING": False}
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = int(threads)
+    return props
+
+
+class _LanguageDetector:
+    """Encoder + one decoder step on the exported IR: a probability for every language token."""
+
+    def __init__(self, ir_dir: Path, device: str, properties: dict[str, Any], lang_to_id: dict[str, int],
+                 start_token: int) -> None:
+        import openvino as ov
+        from transformers import WhisperFeatureExtractor
+
+        core = ov.Core()
+        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(str(ir_dir))
+        self.encoder = core.compile_model(str(ir_dir / "openvino_encoder_model.xml"), device, properties)
+        self.decoder = core.compile_model(str(ir_dir / "openvino_decoder_model.xml"), device, properties)
+        self.encoder_request = self.encoder.create_infer_request()
+        self.decoder_request = self.decoder.create_infer_request()
+        self.codes = [token.strip("<|>") for token in lang_to_id]
+        self.ids = np.array(list(lang_to_id.values()), dtype=np.int64)
+        self.start = np.array([[start_token]], dtype=np.int64)
+
+    def __call__(self, audio: np.ndarray) -> tuple[str, float]:
+        features = self.feature_extractor(audio[:WINDOW_SAMPLES], sampling_rate=SAMPLING_RATE,
+                                          return_tensors="np").input_features.astype(np.float32)
+        hidden = self.encoder_request.infer({"input_features": features})[self.encoder.output(0)]
+        self.decoder_request.reset_state()
+        out = self.decoder_request.infer({
+            "input_ids": self.start,
+            "encoder_hidden_states": hidden,
+            "beam_idx": np.zeros(1, dtype=np.int32),
+        })
+        logits = np.asarray(out[self.decoder.output("logits")], dtype=np.float64)[0, -1, self.ids]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        best = int(np.argmax(probs))
+        return self.codes[best], float(probs[best])
+
+
+class OpenVINOBackend:
+    """Long-lived WhisperPipeline decoding VAD windows one at a time."""
+
+    def __init__(self, settings: EngineSettings, plan: OpenVINOPlan) -> None:
+        import openvino_genai
+
+        from whisperd.models import resolve_model
+        from whisperd.models.openvino_export import ensure_openvino_model
+
+        self.settings = settings
+        self.plan = plan
+        self.device = plan.device
+        self._genai = openvino_genai
+        started = time.perf_counter()
+        self.model_dir = resolve_model(settings.model)
+        self.ir_dir = ensure_openvino_model(self.model_dir, plan.precision)
+        self.prepare_seconds = time.perf_counter() - started
+        self.properties = pipeline_properties(plan.device, settings.threads)
+        started = time.perf_counter()
+        self.pipeline = openvino_genai.WhisperPipeline(str(self.ir_dir), plan.device, **self.properties)
+        self.load_seconds = time.perf_counter() - started
+        self.model = self.pipeline  # what WindowedEngine.model exposes for inspection
+        self._lock = threading.Lock()
+        self._word_pipeline: Any = None
+        self._detector: _LanguageDetector | None = None
+        self._warned: set[str] = set()
+        config = self.pipeline.get_generation_config()
+        self.lang_to_id: dict[str, int] = dict(config.lang_to_id or {})
+        self.is_multilingual = bool(config.is_multilingual) and bool(self.lang_to_id)
+        self.decoder_start_token_id = int(config.decoder_start_token_id)
+        log.info("openvino model loaded", extra={"ir_dir": str(self.ir_dir), "device": plan.device,
+                                                 "precision": plan.precision, "seconds": round(self.load_seconds, 2)})
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": "openvino",
+            "model": self.settings.model,
+            "model_dir": str(self.model_dir),
+            "openvino_model_dir": str(self.ir_dir),
+            "device": self.device,
+            "precision": self.plan.precision,
+            "openvino_genai": getattr(self._genai, "__version__", None),
+        }
+
+    # -- language ------------------------------------------------------------------------
+
+    def detect_language(self, audio: np.ndarray) -> tuple[str, float]:
+        """Most likely language of up to 30 s of audio, and its probability."""
+        with self._lock:
+            if self._detector is None:
+                # The NPU compiles static shapes only; detection is one short step, the CPU does it.
+                device = "CPU" if self.device.startswith("NPU") else self.device
+                props = pipeline_properties(device, self.settings.threads)
+                self._detector = _LanguageDetector(self.ir_dir, device, props, self.lang_to_id,
+                                                   self.decoder_start_token_id)
+            return self._detector(np.ascontiguousarray(audio, dtype=np.float32))
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def decode_windows(self, windows: Sequence[np.ndarray], language: str, options: DecodeOptions) -> list[list[Segment]]:
+        """One generate() per window (the pipeline takes one input at a time); times relative to each window."""
+        out: list[list[Segment]] = []
+        for window in windows:
+            if len(window) == 0:
+                out.append([])
+                continue
+            out.append(self._generate(window, language, options))
+        return out
+
+    def decode_long_form(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
+        """The whole file; the pipeline steps through it 30 s at a time with its own seek rules."""
+        if len(audio) == 0:
+            return []
+        return self._generate(audio, language, options)
+
+    def _generate(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
+        samples = np.ascontiguousarray(audio, dtype=np.float32)
+        duration = len(samples) / SAMPLING_RATE
+        with self._lock:
+            pipeline = self._pipeline_for(options)
+            config = self._generation_config(pipeline, language, options)
+            result = pipeline.generate(samples, config)
+        return self._segments(result, duration, options.word_timestamps)
+
+    def _pipeline_for(self, options: DecodeOptions) -> Any:
+        if not options.word_timestamps:
+            return self.pipeline
+        if self._word_pipeline is None:
+            started = time.perf_counter()
+            self._word_pipeline = self._genai.WhisperPipeline(str(self.ir_dir), self.device, word_timestamps=True,
+                                                              **self.properties)
+            log.info("openvino word-timestamp pipeline loaded",
+                     extra={"seconds": round(time.perf_counter() - started, 2)})
+        return self._word_pipeline
+
+    def _generation_config(self, pipeline: Any, language: str, options: DecodeOptions) -> Any:
+        config = pipeline.get_generation_config()  # a copy: changing it does not touch the pipeline's
+        config.return_timestamps = True
+        config.word_timestamps = bool(options.word_timestamps)
+        if self.is_multilingual:
+            config.language = f"<|{language}|>"
+            config.task = options.task
+        config.num_beams = max(1, int(options.beam_size))
+        config.initial_prompt = options.initial_prompt or None
+        temperature = float(options.temperatures[0]) if options.temperatures else 0.0
+        if temperature > 0.0:
+            config.do_sample = True
+            config.temperature = temperature
+        if len(options.temperatures) > 1 or options.logprob_threshold is not None:
+            self._warn_once("gates", "the openvino backend has no temperature fallback and no logprob, "
+                            "no-speech or compression-ratio gates: decoding once at temperature %s", temperature)
+        return config
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.info(message, *args)
+
+    @staticmethod
+    def _segments(result: Any, duration: float, with_words: bool) -> list[Segment]:
+        chunks = list(result.chunks or [])
+        if not chunks:  # return_timestamps is always on, but be safe: one segment over the input
+            text = " ".join(t.strip() for t in result.texts).strip()
+            return [Segment(start=0.0, end=duration, text=text)] if text else []
+        spans: list[tuple[float, float, str]] = []
+        for chunk in chunks:
+            start = max(0.0, float(chunk.start_ts))
+            end = float(chunk.end_ts)
+            if end < 0:  # an unfinished last segment has no end timestamp
+                end = duration
+            spans.append((start, max(end, start), chunk.text.strip()))
+        words: list[list[Word]] = [[] for _ in spans]
+        if with_words:
+            for timing in result.words or []:
+                index = _chunk_index(spans, float(timing.start_ts))
+                words[index].append(Word(start=float(timing.start_ts), end=float(timing.end_ts),
+                                         text=timing.word.strip()))
+        return [Segment(start=s, end=e, text=t, words=tuple(w)) for (s, e, t), w in zip(spans, words)]
+
+
+def _chunk_index(spans: list[tuple[float, float, str]], start: float) -> int:
+    """The last segment starting at or before `start` (with 10 ms slack for rounding)."""
+    index = 0
+    for i, (s, _, _) in enumerate(spans):
+        if s <= start + 0.01:
+            index = i
+    return index

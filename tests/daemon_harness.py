@@ -202,7 +202,9 @@ def parse_time(stamp: str) -> float:
 class DaemonProcess:
     """`python -m whisperd run` in its own session, its stdout parsed as JSON log events."""
 
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None,
+                 precision: str = PRECISION) -> None:
+        self.precision = precision
         self.config = config
         self.log_path = log_path
         self.env = env or {}
@@ -222,7 +224,7 @@ class DaemonProcess:
         env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "whisperd", "run", "--config", str(self.config), "--model", MODEL,
-             "--precision", PRECISION, "--device", "cpu"],
+             "--precision", self.precision, "--device", "cpu"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=self.config.parent, start_new_session=True,
         )

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed benchmark: whisperd's engine beside faster-whisper, on the same audio and the same weights.
 
-    .venv/bin/python benchmarks/speed.py                       # CPU: every precision that runs here
+    .venv/bin/python benchmarks/speed.py                       # CPU: both backends, faster-whisper
     .venv/bin/python benchmarks/speed.py --device cuda --systems whisperd:fp16,whisperd:bf16,hf-pipeline:fp16
 
 Each system runs in its own child process (same process tree, one after the other), so its model
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 CPU_SYSTEMS = (
-    "whisperd:fp32,whisperd:sym_int4,whisperd:sym_int8,whisperd:bf16,"
+    "whisperd:fp32,whisperd:sym_int4,whisperd-openvino:int8,whisperd-openvino:int4,"
     "faster-whisper:int8,faster-whisper-batched:int8"
 )
 MODEL = "openai/whisper-base"
@@ -35,6 +35,8 @@ MODEL = "openai/whisper-base"
 def load_system(system: str, args: argparse.Namespace):  # noqa: ANN201 - returns a transcribe callable
     """Return (transcribe(audio) -> text, description)."""
     kind, _, precision = system.partition(":")
+    if kind == "whisperd-openvino":
+        args.backend, kind = "openvino", "whisperd"
     if kind == "whisperd":
         from whisperd.engine import create_engine
         from whisperd.options import DecodeOptions, EngineSettings

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 CPU_SYSTEMS = (
-    "whisperd:fp32,whisperd:sym_int4,whisperd-openvino:int8,whisperd-openvino:int4,"
+    "whisperd:fp32,whisperd:sym_int4,whisperd-openvino:int8,whisperd-openvino:int4,whisperd-openvino:fp16,"
     "faster-whisper:int8,faster-whisper-batched:int8"
 )
 MODEL = "openai/whisper-base"

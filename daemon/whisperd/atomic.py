@@ -34,12 +34,3 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete temp files left by a crash mid-write (any pid); returns what was removed."""
-    removed = []
-    for entry in folder.glob(f".*{TEMP_MARKER}"):
-        entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed

@@ -27,6 +27,10 @@ CPU_SYSTEMS = (
     "faster-whisper:int8,faster-whisper-batched:int8"
 )
 MODEL = "openai/whisper-base"
+# For the peak-RSS estimate of whisper-medium: parameters (OpenAI's model card) and bytes a weight.
+PARAMETERS = {"base": 74e6, "medium": 769e6}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "sym_int8": 1.0,
+                    "int4": 0.56, "sym_int4": 0.56, "asym_int4": 0.6, "nf4": 0.56}  # 4-bit: + a scale per 32
 
 
 # -- the child: one system, timed ------------------------------------------------------------
@@ -145,21 +149,37 @@ def run_parent(args: argparse.Namespace) -> int:
     return 0
 
 
+def medium_rss_estimate(row: dict[str, Any]) -> float | None:
+    """Peak RSS for whisper-medium: the measured peak with base's weights swapped for medium's.
+
+    A lower bound: activations (batch x 1500 frames x d_model, 24 layers instead of 6) grow too.
+    """
+    per_weight = BYTES_PER_WEIGHT.get(row["system"].partition(":")[2])
+    if per_weight is None:
+        return None
+    return row["peak_rss_mb"] + (PARAMETERS["medium"] - PARAMETERS["base"]) * per_weight / 2**20
+
+
 def format_row(row: dict[str, Any]) -> str:
     runs = ", ".join(f"{r['audio']}: {r['rtf']:.1f}x WER {r['wer']:.3f}" for r in row["runs"])
-    return f"{row['system']}: load {row['load_seconds']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {runs}"
+    medium = medium_rss_estimate(row)
+    estimate = f" (medium: >= {medium:.0f} MB)" if medium else ""
+    return f"{row['system']}: load {row['load_seconds']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB{estimate}, {runs}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no results)"
     names = [r["audio"] for r in rows[0]["runs"]]
-    head = "| system | load s | " + " | ".join(f"{n} audio s/wall s | {n} WER" for n in names) + " | peak RSS MB |"
-    sep = "|" + "---|" * (3 + 2 * len(names))
+    head = ("| system | load s | " + " | ".join(f"{n} audio s/wall s | {n} WER" for n in names)
+            + " | peak RSS MB | medium, estimated MB |")
+    sep = "|" + "---|" * (4 + 2 * len(names))
     body = []
     for r in rows:
         cells = " | ".join(f"{x['rtf']:.1f} | {x['wer']:.3f}" for x in r["runs"])
-        body.append(f"| {r['system']} | {r['load_seconds']:.2f} | {cells} | {r['peak_rss_mb']:.0f} |")
+        medium = medium_rss_estimate(r)
+        body.append(f"| {r['system']} | {r['load_seconds']:.2f} | {cells} | {r['peak_rss_mb']:.0f} | "
+                    f"{f'>= {medium:.0f}' if medium else '-'} |")
     return "\n".join([head, sep, *body])
 
 

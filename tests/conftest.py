@@ -19,14 +19,17 @@ def clip() -> Callable[[str], DevClip]:
     return fetch_clip
 
 
-_ENGINES: dict[tuple[str, str], Engine] = {}
+_ENGINES: dict[tuple[str, str, str], Engine] = {}
 
 
-def load_engine(precision: str, model: str = BASE_MODEL) -> Engine:
-    """One engine per (model, precision) for the whole session: loading is the slow part."""
-    key = (model, precision)
+def load_engine(precision: str, model: str = BASE_MODEL, backend: str = "transformers") -> Engine:
+    """One engine per (model, precision, backend) for the whole session: loading is the slow part."""
+    key = (model, precision, backend)
     if key not in _ENGINES:
-        _ENGINES[key] = create_engine(EngineSettings(model=model, device="cpu", precision=precision))
+        if backend == "openvino":
+            pytest.importorskip("openvino_genai", reason="backend openvino needs requirements/openvino.txt")
+        _ENGINES[key] = create_engine(EngineSettings(model=model, device="cpu", precision=precision,
+                                                     backend=backend))
     return _ENGINES[key]
 
 
@@ -40,7 +43,24 @@ def engine_int4() -> Engine:
     return load_engine("sym_int4")
 
 
-@pytest.fixture(scope="session", params=["fp32", "sym_int4"])
+@pytest.fixture(scope="session")
+def ov_int8() -> Engine:
+    return load_engine("int8", backend="openvino")
+
+
+# Every engine whisperd runs well on the CPU: transformers fp32 and IPEX-LLM sym_int4, OpenVINO int8.
+ENGINES = [("transformers", "fp32"), ("transformers", "sym_int4"), ("openvino", "int8")]
+
+
+@pytest.fixture(scope="session", params=ENGINES, ids=[f"{b}-{p}" for b, p in ENGINES])
 def engine(request: pytest.FixtureRequest) -> Engine:
-    """Each test using this runs once per precision the CPU path supports well."""
-    return load_engine(request.param)
+    """Each test using this runs once per engine."""
+    backend, precision = request.param
+    return load_engine(precision, backend=backend)
+
+
+@pytest.fixture(scope="session", params=["transformers", "openvino"])
+def each_backend(request: pytest.FixtureRequest) -> Engine:
+    """Each test using this runs once per backend, at its full-accuracy CPU precision."""
+    return load_engine("fp32", backend="transformers") if request.param == "transformers" else \
+        load_engine("int8", backend="openvino")

@@ -34,9 +34,10 @@ from whisperd.audio import decode_audio
 from whisperd.evaluation import DevClip, error_rate, fetch_clip
 
 MODEL = "openai/whisper-base"
-# fp32 is the faster CPU path for whisper-base on the test machine; WHISPERD_TEST_PRECISION=sym_int4
-# runs the daemon tests with ipex-llm low-bit weights instead.
-PRECISION = os.environ.get("WHISPERD_TEST_PRECISION", "fp32")
+# The daemon tests run what a user gets by default: backend auto, precision auto (OpenVINO int8 on the
+# CPU). WHISPERD_TEST_BACKEND=transformers WHISPERD_TEST_PRECISION=sym_int4 runs them on ipex-llm instead.
+BACKEND = os.environ.get("WHISPERD_TEST_BACKEND", "auto")
+PRECISION = os.environ.get("WHISPERD_TEST_PRECISION", "auto")
 SETTLE_SECONDS = 0.5
 RESCAN_SECONDS = 2.0
 READY_TIMEOUT = 240.0  # interpreter start + model load, on a busy machine
@@ -116,7 +117,7 @@ def write_config(path: Path, inboxes: list[dict[str, Any]], state_dir: Path, **s
         "stop_timeout_seconds": 30,
         "log_format": "json",
         "log_level": "info",
-        "engine": {"model": MODEL, "device": "cpu", "precision": PRECISION},
+        "engine": {"backend": BACKEND, "model": MODEL, "device": "cpu", "precision": PRECISION},
         "jobs": {"max_attempts": 3, "retry_backoff_seconds": 0.5, "timeout_base_seconds": 300,
                  "timeout_per_audio_second": 10},
     }
@@ -203,8 +204,9 @@ class DaemonProcess:
     """`python -m whisperd run` in its own session, its stdout parsed as JSON log events."""
 
     def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None,
-                 precision: str = PRECISION) -> None:
+                 precision: str = PRECISION, backend: str = BACKEND) -> None:
         self.precision = precision
+        self.backend = backend
         self.config = config
         self.log_path = log_path
         self.env = env or {}
@@ -224,7 +226,7 @@ class DaemonProcess:
         env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "whisperd", "run", "--config", str(self.config), "--model", MODEL,
-             "--precision", self.precision, "--device", "cpu"],
+             "--precision", self.precision, "--device", "cpu", "--backend", self.backend],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=self.config.parent, start_new_session=True,
         )

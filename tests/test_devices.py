@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from whisperd.devices import UnsupportedSettingError, check_settings, plan_load
+from whisperd.devices import UnsupportedSettingError, check_settings, plan_load, resolve_backend
 from whisperd.languages import UnknownLanguageError, normalize_language
 from whisperd.options import DecodeOptions
 
@@ -90,3 +90,34 @@ def test_language_table_matches_transformers() -> None:
 
     assert language_table.LANGUAGES == LANGUAGES
     assert language_table.TO_LANGUAGE_CODE == TO_LANGUAGE_CODE
+
+
+@pytest.mark.parametrize(("device", "precision", "expected"), [
+    ("cpu", "auto", "openvino"),  # the faster CPU runtime (benchmarks/speed.py)
+    ("cpu", "fp32", "openvino"),
+    ("cpu", "int8", "openvino"),
+    ("cpu", "sym_int4", "transformers"),  # ipex-llm formats stay on ipex-llm
+    ("cpu", "bf16", "transformers"),
+    ("cuda", "auto", "transformers"),
+    ("cuda", "fp16", "transformers"),
+    ("xpu", "auto", "transformers"),  # Intel GPUs: ipex-llm low-bit by default
+    ("xpu", "int4", "openvino"),  # OpenVINO's own formats select it anywhere
+])
+def test_auto_backend_per_device_and_precision(device: str, precision: str, expected: str) -> None:
+    assert resolve_backend("auto", device, precision) == expected
+
+
+def test_auto_backend_follows_the_device_that_auto_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import whisperd.devices as devices
+
+    assert resolve_backend("auto", "auto", "auto") == "openvino"  # this machine: CPU only
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    assert resolve_backend("auto", "auto", "auto") == "transformers"
+
+
+def test_auto_backend_without_openvino_installed_is_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import whisperd.devices as devices
+
+    monkeypatch.setattr(devices, "openvino_installed", lambda: False)
+    assert resolve_backend("auto", "cpu", "auto") == "transformers"
+    assert resolve_backend("transformers", "cpu", "int8") == "transformers"  # explicit choice is kept

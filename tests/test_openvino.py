@@ -1,4 +1,4 @@
-"""The OpenVINO GenAI backend on a real Whisper model (whisper-base, int8 IR) and real recorded speech.
+"""The OpenVINO GenAI backend's own parts on a real Whisper model (whisper-base, int8 IR) and real speech.
 
 The IR export (~30-80 s on 2 cores) is cached under ~/.cache/whisperd/models/openvino and reused by
 later runs; only the test that re-runs a real export on purpose is marked slow.
@@ -7,17 +7,14 @@ later runs; only the test that re-runs a real export on purpose is marked slow.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("openvino_genai", reason="backend openvino needs: pip install -r requirements/openvino.txt")
 
-from conftest import BASE_MODEL  # noqa: E402
 
 from whisperd.audio import decode_audio  # noqa: E402
 from whisperd.devices import UnsupportedSettingError, check_openvino_settings, openvino_available_devices  # noqa: E402
@@ -28,22 +25,8 @@ from whisperd.models.openvino_export import ensure_openvino_model, export_dir, i
 from whisperd.options import DecodeOptions, EngineSettings  # noqa: E402
 
 LIBRIVOX = [f"en_librivox_ss01_{n}" for n in ("0870", "0880", "0890", "0920", "0930")]
-MANDARIN = ["zh_aishell1_BAC009S0764W0121", "zh_aishell1_BAC009S0764W0122"]
-CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
-
-_ENGINES: dict[tuple[str, str], Engine] = {}
-
-
-def load_ov_engine(precision: str = "int8", model: str = BASE_MODEL) -> Engine:
-    key = (model, precision)
-    if key not in _ENGINES:
-        _ENGINES[key] = create_engine(EngineSettings(model=model, device="cpu", precision=precision, backend="openvino"))
-    return _ENGINES[key]
-
-
-@pytest.fixture(scope="module")
-def ov_int8() -> Engine:
-    return load_ov_engine("int8")
+# What both backends must do alike (languages, translation, long audio, word times) is tested once,
+# over every engine, in tests/test_engine.py; this file has what only the OpenVINO backend has.
 
 
 def transcribe(engine: Engine, c: DevClip, **options: object):
@@ -64,62 +47,11 @@ def test_english_librivox_wer_matches_transformers_fp32(ov_int8: Engine, engine_
     assert ov_wer <= pt_wer + 0.02, list(zip(ov_hyps, pt_hyps))
 
 
-def test_mandarin_character_error_rate(ov_int8: Engine, clip: Callable[[str], DevClip]) -> None:
-    clips = [clip(i) for i in MANDARIN]
-    hyps = [transcribe(ov_int8, c, language="zh").text for c in clips]
-    cer = error_rate([c.reference for c in clips], hyps, "zh")
-    print(f"openvino int8: Mandarin CER {cer:.3f}")
-    assert cer <= 0.35, hyps
-
-
-def test_mandarin_translated_to_english(ov_int8: Engine, clip: Callable[[str], DevClip]) -> None:
-    result = transcribe(ov_int8, clip(MANDARIN[0]), language="chinese", task="translate")
-    assert result.language == "zh" and result.task == "translate"
-    assert not CJK.search(result.text), result.text
-    assert len(re.findall(r"[A-Za-z]+", result.text)) >= 3, result.text
-
-
-@pytest.mark.parametrize(("clip_id", "expected"), [("es_mls_13697_11991_000000", "es"), ("sv_nst_u0016003", "sv")])
-def test_auto_detects_language_with_a_probability(ov_int8: Engine, clip: Callable[[str], DevClip], clip_id: str,
-                                                  expected: str) -> None:
-    result = transcribe(ov_int8, clip(clip_id), language="auto")
-    assert result.language == expected
-    assert result.language_probability is not None and 0.5 < result.language_probability <= 1.0
-
-
-def test_long_audio_windows_are_placed_in_the_file(ov_int8: Engine, clip: Callable[[str], DevClip]) -> None:
-    """52 s, two recordings back to back: segments past 30 s, ordered, inside the file."""
-    c = clip("en_mfa_michaelandsickmichael")
-    result = transcribe(ov_int8, c, language="en")
-    assert result.segments[-1].end > 45.0
-    assert any(s.start > 30.0 for s in result.segments)
-    assert error_rate([c.reference], [result.text], "en") < 0.2, result.text
-    starts = [s.start for s in result.segments]
-    assert starts == sorted(starts) and all(0 <= s.start <= s.end <= result.duration for s in result.segments)
-    assert result.settings["backend"] == "openvino" and result.settings["precision"] == "int8"
-
-
 def test_long_form_without_vad(ov_int8: Engine, clip: Callable[[str], DevClip]) -> None:
     c = clip("en_mfa_michaelandsickmichael")
     result = transcribe(ov_int8, c, language="en", vad=False)
     assert result.segments[-1].end > 45.0
     assert error_rate([c.reference], [result.text], "en") < 0.2, result.text
-
-
-def test_word_timestamps_on_request(ov_int8: Engine, clip: Callable[[str], DevClip]) -> None:
-    result = transcribe(ov_int8, clip("en_goforward"), language="en", word_timestamps=True)
-    words = [w for s in result.segments for w in s.words]
-    assert [w.text.lower().strip(".") for w in words] == ["go", "forward", "10", "meters"]
-    for seg in result.segments:
-        assert all(seg.start <= w.start <= w.end <= seg.end for w in seg.words)
-    assert [w.start for w in words] == sorted(w.start for w in words)
-    # Off by default: the plain pipeline gives no words.
-    assert all(not s.words for s in transcribe(ov_int8, clip("en_goforward"), language="en").segments)
-
-
-def test_empty_audio_gives_an_empty_transcript(ov_int8: Engine) -> None:
-    result = ov_int8.transcribe(np.zeros(0, dtype=np.float32), DecodeOptions(language="en"))
-    assert result.segments == () and result.duration == 0.0
 
 
 # -- settings are checked before anything is exported or loaded -----------------------------------

@@ -51,12 +51,19 @@ def test_inbox_defaults_override_the_built_in_ones(inbox: Path) -> None:
     assert (effective.rules.language, effective.rules.task, effective.outputs) == ("sv", "transcribe", ("vtt",))
 
 
+def test_word_timestamps_are_off_unless_a_rule_turns_them_on(inbox: Path) -> None:
+    assert not resolve(inbox, "talk.wav").decode_options().word_timestamps
+    write_rules(inbox / "subtitled", "word_timestamps: true\n")
+    assert resolve(inbox, "subtitled/talk.wav").decode_options().word_timestamps
+
+
 def test_nearest_rule_file_wins_and_keys_merge(inbox: Path) -> None:
     top = write_rules(inbox, "language: zh\ntask: translate\noutputs: [txt]\n")
     mid = write_rules(inbox / "team", "task: transcribe\ninitial_prompt: Glossary\n")
     leaf = write_rules(inbox / "team" / "spanish", "language: spanish\n")
     effective = resolve(inbox, "team/spanish/weekly/talk.wav", RuleSet(outputs=("json",)))
-    assert effective.rules == RuleSet(language="es", task="transcribe", outputs=("txt",), initial_prompt="Glossary")
+    assert effective.rules == RuleSet(language="es", task="transcribe", outputs=("txt",), initial_prompt="Glossary",
+                                      word_timestamps=False)
     assert effective.sources == (top, mid, leaf)
     # A sibling folder sees only what is above it.
     sibling = resolve(inbox, "other/talk.wav")
@@ -109,7 +116,7 @@ def test_errors_name_the_file_the_key_and_what_is_allowed(inbox: Path, text: str
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("task: [unclosed\n", "not valid YAML"),
-    ("- just\n- a list\n", "expected a mapping of keys (language, task, outputs, initial_prompt), got list"),
+    ("- just\n- a list\n", "expected a mapping of keys (language, task, outputs, initial_prompt, word_timestamps), got list"),
 ])
 def test_unreadable_rule_files_name_the_file(inbox: Path, text: str, expected: str) -> None:
     rule_file = write_rules(inbox, text)

@@ -28,7 +28,7 @@ class InboxConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    backend: Literal["transformers", "openvino"] = "transformers"
+    backend: Literal["auto", "transformers", "openvino"] = "auto"
     model: str = "openai/whisper-medium"
     device: str = "auto"
     precision: str = "auto"
@@ -40,14 +40,17 @@ class EngineConfig(_Strict):
     @classmethod
     def _device(cls, v: str, info: ValidationInfo) -> str:
         # OpenVINO also takes its own device names (GPU.1); they are checked when the engine starts.
-        if info.data.get("backend", "transformers") == "transformers" and v not in DEVICES:
+        if info.data.get("backend", "auto") != "openvino" and v not in DEVICES:
             raise ValueError(f"use one of {', '.join(DEVICES)}")
         return v
 
     @field_validator("precision")
     @classmethod
     def _precision(cls, v: str, info: ValidationInfo) -> str:
-        allowed = PRECISIONS if info.data.get("backend", "transformers") == "transformers" else OPENVINO_PRECISIONS
+        allowed = {
+            "transformers": PRECISIONS,
+            "openvino": OPENVINO_PRECISIONS,
+        }.get(info.data.get("backend", "auto"), PRECISIONS + tuple(p for p in OPENVINO_PRECISIONS if p not in PRECISIONS))
         if v not in allowed:
             raise ValueError(f"use one of {', '.join(allowed)}")
         return v

@@ -162,10 +162,39 @@ def check_openvino_settings(device: str, precision: str, available: tuple[str, .
 # <<< openvino backend ---------------------------------------------------------------------------
 
 
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino_genai") is not None
+
+
+def resolve_backend(backend: str, device: str, precision: str) -> str:
+    """`backend: auto` -> the runtime that is fastest for this device and precision.
+
+    OpenVINO on the CPU: measured 5x the audio seconds per wall second of transformers fp32 at
+    the same WER on whisper-base (benchmarks/speed.py, README). transformers everywhere else: CUDA,
+    Intel GPUs through ipex-llm, and every ipex-llm low-bit format. OpenVINO's own formats (int8,
+    int4) select it on any device; a machine without the OpenVINO packages falls back to
+    transformers.
+    """
+    from whisperd.options import OPENVINO_PRECISIONS
+
+    if backend != "auto":
+        return backend
+    if precision not in OPENVINO_PRECISIONS:
+        return "transformers"
+    if precision not in PRECISIONS:  # int8, int4: only OpenVINO has them
+        return "openvino"
+    if device == "auto":
+        device = "xpu" if xpu_available() else "cuda" if cuda_available() else "cpu"
+    return "openvino" if device == "cpu" and openvino_installed() else "transformers"
+
+
 def check_engine_settings(backend: str, device: str, precision: str) -> LoadPlan | OpenVINOPlan:
     """The device/precision check of whichever backend is configured (before anything loads)."""
     from whisperd.options import BACKENDS
 
+    backend = resolve_backend(backend, device, precision)
     if backend == "openvino":
         return check_openvino_settings(device, precision)
     if backend != "transformers":

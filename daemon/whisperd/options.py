@@ -16,14 +16,13 @@ PRECISIONS: tuple[str, ...] = (
     "auto", "fp32", "bf16", "fp16", "sym_int4", "asym_int4", "sym_int8", "woq_int4", "nf4", "fp4", "fp6", "fp8",
 )
 OUTPUT_FORMATS: tuple[str, ...] = ("txt", "srt", "vtt", "json")
-# >>> openvino backend
-BACKENDS: tuple[str, ...] = ("transformers", "openvino")
+# auto: OpenVINO on the CPU when it is installed, transformers elsewhere (devices.resolve_backend).
+BACKENDS: tuple[str, ...] = ("auto", "transformers", "openvino")
 # backend: openvino takes these (xpu and gpu both mean the Intel GPU) or OpenVINO's own device names
 # as `openvino.Core().available_devices` lists them (CPU, GPU, GPU.1, NPU), case-insensitive.
 OPENVINO_DEVICES: tuple[str, ...] = ("auto", "cpu", "xpu", "gpu", "npu")
 # Weight compression of the exported IR (auto = int8).
 OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "int8", "int4", "fp16", "fp32")
-# <<< openvino backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +35,7 @@ class EngineSettings:
     cpu_embedding: bool = False
     threads: int | None = None
     batch_size: int = 8
-    backend: str = "transformers"  # one of BACKENDS
+    backend: str = "auto"  # one of BACKENDS
 
     def with_overrides(self, **changes: object) -> EngineSettings:
         """Copy with the given fields replaced; None values are ignored (unset CLI flags)."""

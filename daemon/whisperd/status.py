@@ -107,7 +107,8 @@ def format_status(report: dict[str, Any]) -> str:
         engine = daemon.get("engine") or {}
         ready = "ready" if daemon.get("ready") else "loading model"
         lines.append(f"daemon: running, pid {daemon['pid']}, {ready}, worker pid {daemon.get('worker_pid')}, "
-                     f"model {engine.get('model', '?')} on {engine.get('device', '?')} ({engine.get('precision', '?')})")
+                     f"model {engine.get('model', '?')} on {engine.get('device', '?')} "
+                     f"({engine.get('backend', '?')}, {engine.get('precision', '?')})")
         updated = daemon.get("updated_at") or 0
         if time.time() - updated > 4 * STATUS_REFRESH_SECONDS:
             lines.append(f"warning: the daemon last updated its status {_ago(updated)}; it may be stuck")

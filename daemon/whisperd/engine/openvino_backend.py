@@ -125,8 +125,8 @@ class OpenVINOBackend:
         self.lang_to_id: dict[str, int] = dict(config.lang_to_id or {})
         self.is_multilingual = bool(config.is_multilingual) and bool(self.lang_to_id)
         self.decoder_start_token_id = int(config.decoder_start_token_id)
-        log.info("openvino model loaded", extra={"ir_dir": str(self.ir_dir), "device": plan.device,
-                                                 "precision": plan.precision, "seconds": round(self.load_seconds, 2)})
+        log.info("model loaded", extra={"backend": "openvino", "ir_dir": str(self.ir_dir), "device": plan.device,
+                                        "precision": plan.precision, "seconds": round(self.load_seconds, 2)})
 
     def describe(self) -> dict[str, object]:
         return {

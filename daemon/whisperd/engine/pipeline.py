@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -125,8 +126,12 @@ class WindowedEngine:
 
     def _decode_windows(self, audio: np.ndarray, windows: list[Window], language: str,
                         options: DecodeOptions) -> list[Segment]:
-        """Decode in batches; a window whose text stops short of its speech is decoded again from
-        where the text stopped (Whisper sometimes ends a window after its first sentence)."""
+        """Decode in batches; speech that a window's text skipped is decoded again on its own.
+
+        Whisper sometimes ends a window after its first sentence, or jumps from the first sentence
+        to the last and stretches one segment's timestamps over the speech in between; both leave
+        VAD speech with no words on it (see `uncovered_speech`).
+        """
         out: list[Segment] = []
         pending = [(w, 0) for w in windows]
         while pending:
@@ -135,27 +140,80 @@ class WindowedEngine:
             for (window, retries), segments in zip(batch, decoded):
                 placed = place_in_window(segments, window)
                 out.extend(placed)
-                rest = remainder(window, placed)
-                if rest is not None and retries < MAX_RESUMES_PER_WINDOW:
-                    pending.append((rest, retries + 1))
+                if retries < MAX_RESUMES_PER_WINDOW:
+                    pending.extend((hole, retries + 1) for hole in uncovered_speech(window, placed))
         out.sort(key=lambda seg: seg.start)
         return out
 
 
 MAX_RESUMES_PER_WINDOW = 3
 MIN_UNCOVERED_SPEECH_SECONDS = 1.0
+WORD_SLACK_SECONDS = 0.5  # word times are DTW estimates; speech this close to a word counts as covered
+HOLE_CONTEXT_SECONDS = 0.5
 
 
-def remainder(window: Window, placed: list[Segment]) -> Window | None:
-    """The part of `window` after its last segment, if it still holds a second or more of speech."""
+# Without word times: a segment that holds far more speech than its text can take to say was
+# stretched over speech Whisper skipped. Its text is taken to cover only what it would take to say
+# at SLOW_CHARS_PER_SECOND (people speak 10-15 characters a second; a CJK character counts as 3).
+SLOW_CHARS_PER_SECOND = 5.0
+STRETCH_MARGIN_SECONDS = 2.0
+
+
+def covered_intervals(placed: list[Segment], spans: Sequence[Span] = ()) -> list[tuple[float, float]]:
+    """Where the text says someone spoke: each word (with slack), or each segment without words."""
+    intervals: list[tuple[float, float]] = []
+    for seg in placed:
+        if seg.words:
+            intervals.extend((w.start - WORD_SLACK_SECONDS, w.end + WORD_SLACK_SECONDS) for w in seg.words)
+            continue
+        needed = spoken_length(seg.text) / SLOW_CHARS_PER_SECOND
+        if speech_seconds(spans, seg.start, seg.end) > needed + STRETCH_MARGIN_SECONDS:
+            intervals.append((seg.start, seg.start + needed))
+        else:
+            intervals.append((seg.start, seg.end))
+    intervals.sort()
+    merged: list[tuple[float, float]] = []
+    for start, end in intervals:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def spoken_length(text: str) -> float:
+    """Characters, a wide (CJK) character counted as 3: roughly proportional to the time to say it."""
+    return sum(3.0 if unicodedata.east_asian_width(ch) in "WF" else 1.0 for ch in text if not ch.isspace())
+
+
+def speech_seconds(spans: Sequence[Span], start: float, end: float) -> float:
+    a, b = int(start * SAMPLING_RATE), int(end * SAMPLING_RATE)
+    return sum(max(0, min(sp.end, b) - max(sp.start, a)) for sp in spans) / SAMPLING_RATE
+
+
+def uncovered_speech(window: Window, placed: list[Segment]) -> list[Window]:
+    """Stretches of the window's speech that no word (or segment) covers, as windows to decode again.
+
+    Each holds at least MIN_UNCOVERED_SPEECH_SECONDS of speech; it starts where the text before it
+    stopped (less a little context) and ends where the text after it starts, so that what was
+    transcribed is not transcribed twice. A window with no text at all is left alone: the
+    no-speech gate judged it.
+    """
     if not placed:
-        return None  # nothing at all: the no-speech gate judged the window, respect it
-    covered = int(max(seg.end for seg in placed) * SAMPLING_RATE)
-    spans = tuple(Span(max(sp.start, covered), sp.end) for sp in window.spans if sp.end > covered)
-    if sum(sp.end - sp.start for sp in spans) < MIN_UNCOVERED_SPEECH_SECONDS * SAMPLING_RATE:
-        return None
-    start = max(window.start, spans[0].start - int(0.5 * SAMPLING_RATE), covered)
-    return Window(start, window.end, spans)
+        return []
+    covered = [(int(a * SAMPLING_RATE), int(b * SAMPLING_RATE)) for a, b in covered_intervals(placed, window.spans)]
+    holes: list[Window] = []
+    bounds = [window.start] + [x for c in covered for x in c] + [window.end]
+    # Gaps between covered intervals: (previous end, next start) pairs.
+    for gap_start, gap_end in zip(bounds[0::2], bounds[1::2]):
+        gap_start, gap_end = max(gap_start, window.start), min(gap_end, window.end)
+        spans = tuple(Span(max(sp.start, gap_start), min(sp.end, gap_end)) for sp in window.spans
+                      if sp.end > gap_start and sp.start < gap_end)
+        if sum(sp.end - sp.start for sp in spans) < MIN_UNCOVERED_SPEECH_SECONDS * SAMPLING_RATE:
+            continue
+        start = max(window.start, gap_start, spans[0].start - int(HOLE_CONTEXT_SECONDS * SAMPLING_RATE))
+        holes.append(Window(start, gap_end, spans))
+    return holes
 
 
 def batched(items: list[Window], size: int) -> Iterator[list[Window]]:

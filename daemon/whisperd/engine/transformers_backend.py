@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from whisperd.devices import LoadPlan
+from whisperd.languages import language_name
 from whisperd.options import DecodeOptions, EngineSettings
-from whisperd.transcript import Segment
+from whisperd.transcript import Segment, Word
 
 log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLING_RATE
+HOP_LENGTH = 160  # samples per log-mel frame
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -127,18 +130,36 @@ class TransformersBackend:
 
     def decode_windows(self, windows: Sequence[np.ndarray], language: str, options: DecodeOptions) -> list[list[Segment]]:
         inputs = self._features(list(windows))
-        kwargs = self._generate_kwargs(language, options, long_form=False)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **kwargs)
-        return [[self._segment(raw) for raw in per_window] for per_window in output["segments"]]
+        if options.word_timestamps:
+            # Align words only against each window's own frames, not the padding up to 30 s.
+            inputs["num_frames"] = [max(1, len(w) // HOP_LENGTH) for w in windows]
+        output = self._generate(inputs, language, options, long_form=False)
+        return [[self._segment(raw, language) for raw in per_window] for per_window in output["segments"]]
 
     def decode_long_form(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
         long_form = len(audio) > WINDOW_SAMPLES
         inputs = self._features(audio, long_form=long_form)
+        output = self._generate(inputs, language, options, long_form=long_form)
+        return [self._segment(raw, language) for raw in output["segments"][0]]
+
+    def _generate(self, inputs: dict[str, Any], language: str, options: DecodeOptions,
+                  long_form: bool) -> dict[str, Any]:
         kwargs = self._generate_kwargs(language, options, long_form=long_form)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **kwargs)
-        return [self._segment(raw) for raw in output["segments"][0]]
+        with torch.inference_mode(), self._attention_weights(options.word_timestamps):
+            return self.model.generate(**inputs, **kwargs)
+
+    @contextmanager
+    def _attention_weights(self, needed: bool) -> Iterator[None]:
+        """Word times come from cross-attention weights, which only eager attention returns (SDPA
+        does not); switch to it for the calls that ask for words, and back."""
+        config = self.model.config
+        previous = config._attn_implementation
+        if needed and previous != "eager":
+            config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     def _generate_kwargs(self, language: str, options: DecodeOptions, long_form: bool) -> dict[str, Any]:
         temperatures = options.temperatures
@@ -152,6 +173,8 @@ class TransformersBackend:
             "no_speech_threshold": options.no_speech_threshold if options.logprob_threshold is not None else None,
             "num_beams": options.beam_size,
         }
+        if options.word_timestamps:
+            kwargs["return_token_timestamps"] = True  # DTW over the alignment heads' cross-attention
         if long_form:
             kwargs["condition_on_prev_tokens"] = options.condition_on_previous_text
         if self.is_multilingual:
@@ -166,6 +189,30 @@ class TransformersBackend:
             self._prompt_cache[prompt] = self.processor.get_prompt_ids(prompt, return_tensors="pt").to(self.device)
         return self._prompt_cache[prompt]
 
-    def _segment(self, raw: dict[str, Any]) -> Segment:
+    def _segment(self, raw: dict[str, Any], language: str) -> Segment:
         text = self.processor.tokenizer.decode(raw["tokens"], skip_special_tokens=True)
-        return Segment(start=float(raw["start"]), end=float(raw["end"]), text=text.strip())
+        start, end = float(raw["start"]), float(raw["end"])
+        words = self._words(raw, language, end) if "token_timestamps" in raw else ()
+        return Segment(start=start, end=end, text=text.strip(), words=words)
+
+    def _words(self, raw: dict[str, Any], language: str, segment_end: float) -> tuple[Word, ...]:
+        """Group the segment's text tokens into words; token i spans times[i] .. times[i + 1], as
+        in transformers' own word-level pipeline output. Splitting follows Whisper's rules (spaces,
+        or every character for Chinese, Japanese, Thai ...)."""
+        from transformers.models.whisper.tokenization_whisper import _combine_tokens_into_words
+
+        tokens = [int(t) for t in raw["tokens"]]
+        times = [float(t) for t in raw["token_timestamps"]]
+        text_ids = [i for i, token in enumerate(tokens) if token < self.generation_config.eos_token_id]
+        if not text_ids:
+            return ()
+        words, _, groups = _combine_tokens_into_words(
+            self.processor.tokenizer, [tokens[i] for i in text_ids], language_name(language))
+        out = []
+        for word, group in zip(words, groups):
+            first, last = text_ids[group[0]], text_ids[group[-1]]
+            start = times[first]
+            end = times[last + 1] if last + 1 < len(times) else segment_end
+            if word.strip():
+                out.append(Word(start=start, end=max(start, end), text=word.strip()))
+        return tuple(out)

@@ -85,8 +85,24 @@ def encode(source: Path, target: Path, codec: str, rate: int = 44100) -> Path:
     return target
 
 
-def transcript_error(c: DevClip, txt: Path) -> float:
-    """Normalised WER (CER for zh/ja) of an output .txt against the clip's reference."""
+@dataclass(frozen=True)
+class LongRecording:
+    path: Path
+    reference: str
+    language: str = "en"
+
+
+def long_recording() -> LongRecording:
+    """Ten minutes of meeting (the speed benchmark's 600 s build): long enough to stop or kill a job
+    in the middle on any backend (OpenVINO int8 needs ~11 s for it on 2 cores, a dev clip < 2 s)."""
+    from whisperd.evaluation.meeting import Meeting, meeting_path
+
+    path = meeting_path(seed=1, target_seconds=600)
+    return LongRecording(path, Meeting.load(path).reference)
+
+
+def transcript_error(c: DevClip | LongRecording, txt: Path) -> float:
+    """Normalised WER (CER for zh/ja) of an output .txt against the recording's reference."""
     return error_rate([c.reference], [txt.read_text(encoding="utf-8")], c.language)
 
 

@@ -24,6 +24,7 @@ from daemon_harness import (
     clip,
     final_row,
     gone,
+    long_recording,
     rows_for,
     wait_for,
     write_config,
@@ -120,7 +121,7 @@ def test_sighup_reloads_and_a_new_inbox_works(supervised: Supervised) -> None:
 def test_sigterm_during_a_long_job_requeues_it_and_exits_cleanly(supervised: Supervised) -> None:
     notify, daemon = supervised.notify, supervised.daemon
     target = supervised.root / "inbox" / "long.wav"
-    shutil.copyfile(clip("en_mfa_michaelandsickmichael").path, target)
+    shutil.copyfile(long_recording().path, target)  # ten minutes: still running when SIGTERM comes
     daemon.wait_event("job started", path=str(target))
     worker = daemon.status_file()["worker_pid"]
     time.sleep(0.5)

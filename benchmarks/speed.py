@@ -2,6 +2,7 @@
 """Speed benchmark: whisperd's engine beside faster-whisper, on the same audio and the same weights.
 
     .venv/bin/python benchmarks/speed.py                       # CPU: both backends, faster-whisper
+    .venv/bin/python benchmarks/speed.py --systems whisperd-default,faster-whisper-batched:int8
     .venv/bin/python benchmarks/speed.py --device cuda --systems whisperd:fp16,whisperd:bf16,hf-pipeline:fp16
 
 Each system runs in its own child process (same process tree, one after the other), so its model
@@ -22,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# whisperd's default on a CPU-only machine (backend auto, precision auto) is whisperd-openvino:int8.
 CPU_SYSTEMS = (
-    "whisperd:fp32,whisperd:sym_int4,whisperd-openvino:int8,whisperd-openvino:int4,whisperd-openvino:fp16,"
+    "whisperd-openvino:int8,whisperd-openvino:int4,whisperd-openvino:fp16,whisperd:fp32,whisperd:sym_int4,"
     "faster-whisper:int8,faster-whisper-batched:int8"
 )
 MODEL = "openai/whisper-base"
@@ -39,15 +41,16 @@ BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "sym_int
 def load_system(system: str, args: argparse.Namespace):  # noqa: ANN201 - returns a transcribe callable
     """Return (transcribe(audio) -> text, description)."""
     kind, _, precision = system.partition(":")
-    if kind == "whisperd-openvino":
-        args.backend, kind = "openvino", "whisperd"
-    if kind == "whisperd":
+    # whisperd = the transformers backend, whisperd-openvino = OpenVINO, whisperd-default = what
+    # `backend: auto`, `precision: auto` picks on this machine.
+    backend = {"whisperd": "transformers", "whisperd-openvino": "openvino", "whisperd-default": "auto"}.get(kind)
+    if backend:
         from whisperd.engine import create_engine
         from whisperd.options import DecodeOptions, EngineSettings
 
-        engine = create_engine(EngineSettings(model=MODEL, device=args.device, precision=precision,
+        engine = create_engine(EngineSettings(model=MODEL, device=args.device, precision=precision or "auto",
                                               threads=args.threads, batch_size=args.batch_size,
-                                              **({"backend": args.backend} if args.backend else {})))
+                                              backend=args.backend or backend))
         options = DecodeOptions(language="en")
         return lambda audio: engine.transcribe(audio, options).text
     if kind in ("faster-whisper", "faster-whisper-batched"):
@@ -189,7 +192,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--backend", default=None, help="whisperd backend (transformers, openvino)")
+    parser.add_argument("--backend", default=None, help="force this backend for every whisperd system")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the 10-minute meeting")
     parser.add_argument("--json", help="write the results here")

@@ -92,6 +92,12 @@ def run_child(args: argparse.Namespace) -> None:
     transcribe = load_system(args.child, args)
     load_seconds = time.perf_counter() - started
     transcribe(meetings[0].audio[: 20 * 16000])  # warm-up: first-call allocations and kernel selection
+    if args.profile:
+        from pyinstrument import Profiler
+
+        with Profiler(interval=0.005) as profiler:
+            transcribe(meetings[0].audio)
+        print(profiler.output_text(unicode=False, color=False), file=sys.stderr)
     results = []
     for path, meeting in zip(args.audio, meetings):
         walls, text = [], ""
@@ -137,7 +143,11 @@ def run_parent(args: argparse.Namespace) -> int:
             cmd += ["--threads", str(args.threads)]
         if args.backend:
             cmd += ["--backend", args.backend]
+        if args.profile:
+            cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if args.profile:
+            print(proc.stderr[proc.stderr.find("  _     ._"):], flush=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             print(f"{system}: FAILED\n{proc.stderr[-2000:]}", flush=True)
@@ -196,6 +206,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the 10-minute meeting")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a pyinstrument profile of each system on the first meeting")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--audio", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -6,6 +6,7 @@ decides what reaches the model and what comes back out lives here, once, for eve
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 import unicodedata
@@ -133,15 +134,17 @@ class WindowedEngine:
         VAD speech with no words on it (see `uncovered_speech`).
         """
         out: list[Segment] = []
-        pending = [(w, 0) for w in windows]
+        # (window, how many times it was carved out of another, the text already written over it)
+        pending: list[tuple[Window, int, str]] = [(w, 0, "") for w in windows]
         while pending:
             batch, pending = pending[: self.settings.batch_size], pending[self.settings.batch_size:]
-            decoded = self.backend.decode_windows([audio[w.start:w.end] for w, _ in batch], language, options)
-            for (window, retries), segments in zip(batch, decoded):
-                placed = place_in_window(segments, window)
+            decoded = self.backend.decode_windows([audio[w.start:w.end] for w, _, _ in batch], language, options)
+            for (window, retries, written), segments in zip(batch, decoded):
+                placed = [seg for seg in place_in_window(segments, window) if not repeats_text(seg.text, written)]
                 out.extend(placed)
                 if retries < MAX_RESUMES_PER_WINDOW:
-                    pending.extend((hole, retries + 1) for hole in uncovered_speech(window, placed))
+                    pending.extend((hole, retries + 1, text_over(placed, hole))
+                                   for hole in uncovered_speech(window, placed))
         out.sort(key=lambda seg: seg.start)
         return out
 
@@ -189,6 +192,26 @@ def spoken_length(text: str) -> float:
 def speech_seconds(spans: Sequence[Span], start: float, end: float) -> float:
     a, b = int(start * SAMPLING_RATE), int(end * SAMPLING_RATE)
     return sum(max(0, min(sp.end, b) - max(sp.start, a)) for sp in spans) / SAMPLING_RATE
+
+
+def text_over(placed: list[Segment], window: Window) -> str:
+    """The text of the segments that overlap `window` (what a re-decode of it must not repeat)."""
+    start, end = window.start / SAMPLING_RATE, window.end / SAMPLING_RATE
+    return " ".join(seg.text for seg in placed if seg.end > start and seg.start < end)
+
+
+REPEAT_FRACTION = 0.8
+
+
+def repeats_text(text: str, written: str) -> bool:
+    """Whether `text` is (nearly) all words already in `written`, in order: a re-decoded stretch that
+    was not skipped after all gives back the sentence that covered it."""
+    words, before = _comparable(text).split(), _comparable(written).split()
+    if not words or not before:
+        return False
+    matcher = difflib.SequenceMatcher(a=before, b=words, autojunk=False)
+    matched = sum(block.size for block in matcher.get_matching_blocks())
+    return matched >= REPEAT_FRACTION * len(words)
 
 
 def uncovered_speech(window: Window, placed: list[Segment]) -> list[Window]:

@@ -75,6 +75,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     inbox.mkdir()
     write_rules(inbox / "translate_zh", language="zh", task="translate", outputs=["txt"])
     write_rules(inbox / "editable", outputs=["txt"])
+    write_rules(inbox / "word_timed", word_timestamps=True, outputs=["json", "srt"])
     write_rules(inbox / "bad_task", task="transcrbe")
     write_rules(inbox / "bad_language", language="klingon")
     config = write_config(root / "whisperd.yaml", [{"path": "inbox", "rules": {"outputs": ["txt", "srt"]}}],
@@ -205,6 +206,18 @@ def test_translate_folder_gives_english_for_mandarin(shared: Shared) -> None:
     started = shared.daemon.named("job started", path=str(path))[0]
     assert (started["language"], started["task"]) == ("zh", "translate")
     assert started["rules"] == [str(shared.inbox / "translate_zh" / ".whisperd.yaml")]
+
+
+def test_word_timestamps_folder_writes_timed_words(shared: Shared) -> None:
+    c = clip("en_librivox_ss01_0870")
+    path = shared.drop(c.path, "word_timed/interview.wav")
+    assert shared.finished(path).state == "done"
+    result = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    words = [w for seg in result["segments"] for w in seg["words"]]
+    assert len(words) == len(" ".join(seg["text"] for seg in result["segments"]).split())
+    assert all(0 <= w["start"] <= w["end"] <= c.duration_s + 0.01 for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert path.with_suffix(".srt").is_file() and not path.with_suffix(".txt").exists()
 
 
 def test_edited_rule_file_changes_the_next_job(shared: Shared) -> None:

@@ -10,7 +10,7 @@ import difflib
 import re
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -237,11 +237,6 @@ def uncovered_speech(window: Window, placed: list[Segment]) -> list[Window]:
         start = max(window.start, gap_start, spans[0].start - int(HOLE_CONTEXT_SECONDS * SAMPLING_RATE))
         holes.append(Window(start, gap_end, spans))
     return holes
-
-
-def batched(items: list[Window], size: int) -> Iterator[list[Window]]:
-    for i in range(0, len(items), max(1, size)):
-        yield items[i:i + size]
 
 
 def place_in_window(segments: list[Segment], window: Window) -> list[Segment]:

@@ -8,7 +8,7 @@
 Each system runs in its own child process (same process tree, one after the other), so its model
 load time and peak RSS are its own. Audio: the meeting that benchmarks/accuracy.py builds (about
 3.5 minutes) and a 10-minute one made the same way. Reported per system: model load seconds,
-audio seconds per wall second (median of --repeats runs after one warm-up), WER, peak RSS.
+audio seconds per wall second (median of --repeats runs after a warm-up run), WER, peak RSS.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def run_child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     transcribe = load_system(args.child, args)
     load_seconds = time.perf_counter() - started
-    transcribe(meetings[0].audio[: 20 * 16000])  # warm-up: first-call allocations and kernel selection
+    # Warm-up on the whole first recording: every batch shape the runs will use has then allocated
+    # its memory and (on CUDA) loaded and chosen its kernels, as in a daemon that has been running.
+    transcribe(meetings[0].audio)
     if args.profile:
         from pyinstrument import Profiler
 

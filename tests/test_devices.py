@@ -111,6 +111,7 @@ def test_auto_backend_follows_the_device_that_auto_finds(monkeypatch: pytest.Mon
     import whisperd.devices as devices
 
     assert resolve_backend("auto", "auto", "auto") == "openvino"  # this machine: CPU only
+    # Stands in for an NVIDIA GPU, which the test machines do not have.
     monkeypatch.setattr(devices, "cuda_available", lambda: True)
     assert resolve_backend("auto", "auto", "auto") == "transformers"
 
@@ -118,6 +119,7 @@ def test_auto_backend_follows_the_device_that_auto_finds(monkeypatch: pytest.Mon
 def test_auto_backend_without_openvino_installed_is_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     import whisperd.devices as devices
 
+    # Stands in for a machine set up without requirements/openvino.txt (this one has it installed).
     monkeypatch.setattr(devices, "openvino_installed", lambda: False)
     assert resolve_backend("auto", "cpu", "auto") == "transformers"
     assert resolve_backend("transformers", "cpu", "int8") == "transformers"  # explicit choice is kept

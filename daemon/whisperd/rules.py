@@ -72,8 +72,7 @@ class EffectiveRules:
             language=self.rules.language or "auto",
             task=self.rules.task or "transcribe",
             initial_prompt=self.rules.initial_prompt,
-            word_timestamps=DEFAULT_RULES.word_timestamps if self.rules.word_timestamps is None
-            else self.rules.word_timestamps,
+            word_timestamps=bool(self.rules.word_timestamps),
         )
 
     @property

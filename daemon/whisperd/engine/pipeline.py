@@ -90,6 +90,7 @@ class WindowedEngine:
             "language": options.language,
             "task": options.task,
             "vad": options.vad,
+            "word_timestamps": options.word_timestamps,
             "temperatures": list(options.temperatures),
             "compression_ratio_threshold": options.compression_ratio_threshold,
             "logprob_threshold": options.logprob_threshold,

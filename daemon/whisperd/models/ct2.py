@@ -7,6 +7,7 @@ weights in CTranslate2 format. The conversion is exact: CTranslate2 keeps the or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import stat
 import struct
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -613,6 +615,18 @@ def install_dir(staged: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def staged_install(out_dir: Path) -> Iterator[Path]:
+    """A staging dir for out_dir: renamed into place when the block finishes, removed if it fails."""
+    staged = staging_dir(out_dir)
+    try:
+        yield staged
+        install_dir(staged, out_dir)
+    except BaseException:
+        _remove(staged)
+        raise
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -664,8 +678,7 @@ def import_ct2_model(
     specials = SpecialTokens.from_tokenizer_json(tok_json)
     gen = _generation_config(ct2_config, tok_json, specials, dims)
 
-    staged = staging_dir(out_dir)
-    try:
+    with staged_install(out_dir) as staged:
         _write_outputs(ct2, ct2_dir, staged, dims, specials, gen, tok_json, dtype)
         write_marker(staged, {
             "format": "transformers-whisper",
@@ -675,10 +688,6 @@ def import_ct2_model(
             "model_bin_size": ct2.size,
             "dtype": dtype,
         })
-        install_dir(staged, out_dir)
-    except BaseException:
-        _remove(staged)
-        raise
     log.info("converted CTranslate2 model %s -> %s in %.1f s", ct2_dir, out_dir, time.monotonic() - started)
     return out_dir
 

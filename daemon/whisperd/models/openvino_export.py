@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from whisperd import paths
-from whisperd.models.ct2 import MARKER_NAME, _remove, install_dir, staging_dir
+from whisperd.models.ct2 import MARKER_NAME, _remove, staged_install
 from whisperd.models.fetch import cache_key, model_lock
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,7 @@ def ensure_openvino_model(model_dir: Path, precision: str) -> Path:
             _remove(stale)
         check_exporter()
         started = time.monotonic()
-        staged = staging_dir(out_dir)
-        try:
+        with staged_install(out_dir) as staged:
             run_export(model_dir, staged, precision)
             (staged / MARKER_NAME).write_text(json.dumps({
                 "format": "openvino-whisper",
@@ -182,10 +181,6 @@ def ensure_openvino_model(model_dir: Path, precision: str) -> Path:
                 "seconds": round(time.monotonic() - started, 1),
                 "versions": _versions(export_python()),
             }, indent=2) + "\n", encoding="utf-8")
-            install_dir(staged, out_dir)
-        except BaseException:
-            _remove(staged)
-            raise
     log.info("exported %s to %s in %.1f s", model_dir, out_dir, time.monotonic() - started)
     return out_dir
 

@@ -42,7 +42,7 @@ SETTLE_SECONDS = 0.5
 RESCAN_SECONDS = 2.0
 READY_TIMEOUT = 240.0  # interpreter start + model load, on a busy machine
 JOB_TIMEOUT = 300.0  # one short clip, allowing for a machine shared with other test runs
-TEMP_OUTPUT_GLOB = ".*.whisperd-tmp"
+TEMP_OUTPUT_GLOB = ".whisperd-tmp.*"
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 T = TypeVar("T")

@@ -85,7 +85,7 @@ def test_transcribe_many_formats_and_bad_files(tmp_path: Path, clip: Callable[[s
         vtt = webvtt.read(str(path.with_suffix(".vtt")))
         assert len(vtt.captions) >= 1
         assert path.with_suffix(".json").is_file()
-    assert not list(tmp_path.glob(".*whisperd-tmp")), "temp files left behind"
+    assert not list(tmp_path.glob(".whisperd-tmp.*")), "temp files left behind"
 
 
 def test_precision_device_mismatch_fails_before_loading(tmp_path: Path, clip: Callable[[str], DevClip]) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from whisperd.naming import TEMP_PREFIX, temp_tag
+
 from daemon_harness import (
     TEMP_OUTPUT_GLOB,
     clip,
@@ -61,7 +63,7 @@ def test_daemon_sigkilled_mid_job_resumes_exactly_once(tmp_path: Path) -> None:
         assert [r.state for r in rows_for(state, long)] == ["running"]
         assert not run1.named("job done", path=str(long))
     # What a worker killed while writing leaves behind: the next attempt must clear it.
-    stale = inbox / f".long.txt.{worker_pid}.whisperd-tmp"
+    stale = inbox / f"{TEMP_PREFIX}{temp_tag(long.with_suffix('.txt'))}.{worker_pid}.k1ll3d"
     stale.write_text("half a transcr")
 
     with running_daemon(config, tmp_path / "run2.log") as run2:

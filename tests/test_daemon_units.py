@@ -14,7 +14,8 @@ from whisperd.checks import rule_files
 from whisperd.config import InboxConfig
 from whisperd.jobstore import JobStore
 from whisperd.notify import Notifier
-from whisperd.service import EmptyFileSweep, error_file_for, remove_stale_temp_outputs
+from whisperd.naming import TEMP_PREFIX, error_file_for, temp_tag
+from whisperd.service import EmptyFileSweep, remove_stale_temp_outputs
 from whisperd.status import collect_status, format_status
 from whisperd.watcher import Inbox
 
@@ -116,8 +117,11 @@ def test_empty_file_is_reported_after_two_sweeps(tmp_path: Path) -> None:
 
 def test_stale_temp_outputs_of_any_format_are_removed(tmp_path: Path) -> None:
     audio = tmp_path / "talk.wav"
-    stale = [tmp_path / ".talk.txt.123.whisperd-tmp", tmp_path / ".talk.vtt.9.whisperd-tmp"]
-    keep = [tmp_path / ".other.txt.1.whisperd-tmp", tmp_path / "talk.txt", tmp_path / ".talk.txt.swp"]
+    def temp(name: str, pid: int) -> Path:
+        return tmp_path / f"{TEMP_PREFIX}{temp_tag(tmp_path / name)}.{pid}.x1y2z3"
+
+    stale = [temp("talk.txt", 123), temp("talk.vtt", 9), temp("talk.error.txt", 7)]
+    keep = [temp("other.txt", 1), tmp_path / "talk.txt", tmp_path / ".talk.txt.swp"]
     for p in stale + keep:
         p.write_text("x")
     remove_stale_temp_outputs(audio)

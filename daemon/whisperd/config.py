@@ -24,6 +24,7 @@ class InboxConfig(_Strict):
     path: Path
     recursive: bool = True
     poll: bool = Field(False, description="use polling instead of inotify (NFS/SMB shares deliver no events)")
+    follow_links_outside: bool = Field(False, description="transcribe symlinks that lead outside this inbox")
     rules: RuleSet = RuleSet()
 
 

@@ -102,6 +102,12 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
+def storable(text: str | None) -> str | None:
+    """Text for a TEXT column: a file name that is not UTF-8 (surrogate-escaped) is kept as `\\udcXX`
+    instead of failing the statement, which would leave the job in its old state."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class JobStoreError(RuntimeError):
     """The database cannot be used (for instance it was written by a newer whisperd)."""
 
@@ -291,6 +297,12 @@ class JobStore:
                 self._conn.close()
             self._conn = None
 
+    def check_writable(self) -> None:
+        """Fail now, not at the first job, when the database cannot be written (read-only or immutable
+        file or folder, full disk): a daemon that looks ready but can record nothing helps no one."""
+        with self._write() as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def __enter__(self) -> JobStore:
         return self
 
@@ -415,7 +427,7 @@ class JobStore:
             conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = attempts + 1, last_error = ?,"
                 " not_before = ?, started_at = NULL, worker_pid = NULL WHERE id = ?",
-                (error, now + max(0.0, backoff_s), job_id),
+                (storable(error), now + max(0.0, backoff_s), job_id),
             )
             return self._get(conn, job_id)
 
@@ -428,7 +440,7 @@ class JobStore:
             conn.execute(
                 "UPDATE jobs SET state = 'failed', attempts = attempts + 1, last_error = ?,"
                 " finished_at = ? WHERE id = ?",
-                (error, now, job_id),
+                (storable(error), now, job_id),
             )
             return self._get(conn, job_id)
 
@@ -440,7 +452,7 @@ class JobStore:
             self._require(conn, job_id, (RUNNING, QUEUED))
             conn.execute(
                 "UPDATE jobs SET state = 'superseded', last_error = ?, finished_at = ? WHERE id = ?",
-                (reason, now, job_id),
+                (storable(reason), now, job_id),
             )
             return self._get(conn, job_id)
 
@@ -513,7 +525,7 @@ class JobStore:
                 conn.execute(
                     "UPDATE jobs SET state = 'queued', attempts = ?, not_before = 0, started_at = NULL,"
                     " worker_pid = NULL, last_error = COALESCE(?, last_error) WHERE id = ?",
-                    (attempts, error, job_id),
+                    (attempts, storable(error), job_id),
                 )
 
     # -- reading ---------------------------------------------------------------------------------

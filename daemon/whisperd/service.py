@@ -10,35 +10,34 @@ import fcntl
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from whisperd.atomic import TEMP_MARKER, atomic_write_text
+from whisperd.atomic import atomic_write_text, mode_like
 from whisperd.audio import probe_duration
 from whisperd.config import ConfigError, DaemonConfig, InboxConfig, load_config
-from whisperd.jobstore import Job, JobStore
+from whisperd.jobstore import Job, JobStore, JobStoreError
 from whisperd.logs import configure_logging, get_logger
+from whisperd.naming import NameTooLongError, check_name_fits, error_file_for, output_paths, stale_temps_for
 from whisperd.notify import Notifier
 from whisperd.options import OUTPUT_FORMATS
-from whisperd.outputs import output_paths
+from whisperd.recording import RecordingRefused, open_recording
 from whisperd.rules import EffectiveRules, RuleError, RuleResolver
 from whisperd.status import STATUS_FILE, STATUS_REFRESH_SECONDS
 from whisperd.supervisor import JobOutcome, WorkerStartError, WorkerSupervisor
 from whisperd.watcher import Inbox, Watcher, scan_inbox
 
 log = get_logger("whisperd.daemon")
-ERROR_SUFFIX = ".error.txt"
 EXIT_FAILURE = 1  # systemd's Restart=on-failure starts us again
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it
 # Settings the running watcher and job store were built from; a reload cannot change them.
 RESTART_ONLY_SETTINGS = ("state_dir", "settle_seconds", "rescan_seconds", "log_format", "log_level")
-
-
-def error_file_for(audio: Path) -> Path:
-    return audio.with_name(audio.stem + ERROR_SUFFIX)
+UNRECOGNISED_KEPT = 100  # names of unrecognised files remembered for `status` (and logged once each)
 
 
 def remove_stale_temp_outputs(audio: Path) -> None:
@@ -47,9 +46,17 @@ def remove_stale_temp_outputs(audio: Path) -> None:
     Every format is swept, not only the current rules' ones: the rules may have changed since
     the attempt that left them.
     """
-    for target in output_paths(audio, OUTPUT_FORMATS).values():
-        for stale in target.parent.glob(f".{target.name}.*{TEMP_MARKER}"):
-            stale.unlink(missing_ok=True)
+    for stale in stale_temps_for(audio, OUTPUT_FORMATS):
+        stale.unlink(missing_ok=True)
+
+
+def remove_error_note(audio: Path) -> None:
+    """The note of an earlier failure goes once the file is done (best effort: a name too long
+    for a note never had one)."""
+    try:
+        error_file_for(audio).unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("cannot remove error note", path=str(audio), error=str(exc))
 
 
 def outputs_up_to_date(audio: Path, st: os.stat_result, formats: tuple[str, ...]) -> bool:
@@ -121,6 +128,8 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.supervisor: WorkerSupervisor | None = None
         self.empty_files: EmptyFileSweep | None = None
+        self.unrecognised: OrderedDict[str, str] = OrderedDict()
+        self._unrecognised_lock = threading.Lock()
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -140,12 +149,22 @@ class Daemon:
             log.error("cannot start", error=str(exc))
             return EXIT_FAILURE
         self._install_signal_handlers()
-        self.store = JobStore(cfg.database_path)
-        recovered = self.store.requeue_running(max_attempts=cfg.jobs.max_attempts)
+        try:
+            self.store = JobStore(cfg.database_path)
+            self.store.check_writable()
+            recovered = self.store.requeue_running(max_attempts=cfg.jobs.max_attempts)
+        except (sqlite3.Error, JobStoreError, OSError) as exc:
+            message = (f"the job database {cfg.database_path} cannot be used: {exc}. Move it aside to start "
+                       "with an empty queue (finished files are not redone: their outputs are newer), "
+                       "or fix its permissions")
+            log.error("cannot use the job database", path=str(cfg.database_path), error=str(exc))
+            print(f"whisperd: {message}", file=sys.stderr, flush=True)
+            self.notifier.status(message[:200])
+            return EXIT_CONFIG
         log.info("daemon starting", pid=os.getpid(), config=str(self.config_path), state_dir=str(cfg.state_dir),
                  inboxes=[str(i.path) for i in cfg.inboxes], requeued_after_crash=recovered)
         self.watcher = Watcher(self._inboxes(cfg), self.on_file_ready, settle_seconds=cfg.settle_seconds,
-                               rescan_seconds=cfg.rescan_seconds)
+                               rescan_seconds=cfg.rescan_seconds, on_unrecognised=self.on_unrecognised_file)
         self.watcher.start()
         self.empty_files = EmptyFileSweep(max(cfg.rescan_seconds, cfg.settle_seconds))
         self.supervisor = WorkerSupervisor(cfg.engine.settings(), cfg.log_format, cfg.log_level)
@@ -227,6 +246,17 @@ class Daemon:
             log.info("job queued", job_id=job.id, path=str(path), size=st.st_size)
             self.wake.set()
 
+    def on_unrecognised_file(self, path: str, reason: str) -> None:
+        """A file that is not taken as a recording by its name: logged once, listed in `status`."""
+        with self._unrecognised_lock:
+            known = path in self.unrecognised
+            self.unrecognised[path] = reason
+            self.unrecognised.move_to_end(path)
+            while len(self.unrecognised) > UNRECOGNISED_KEPT:
+                self.unrecognised.popitem(last=False)
+        if not known:
+            log.warning("file not taken as a recording", path=path, reason=reason)
+
     # -- the main loop ----------------------------------------------------------------------
 
     def _tick(self) -> bool:
@@ -303,10 +333,14 @@ class Daemon:
         except Exception as exc:
             self.current_job = None
             log.exception("unexpected error while handling a job", job_id=job.id, path=str(job.path))
+            error = f"internal error in whisperd: {type(exc).__name__}: {exc}"
             try:
                 current = self.store.get(job.id) if self.store else None
                 if current is not None and current.state == "running":
-                    self.fail(current, f"internal error in whisperd: {type(exc).__name__}: {exc}")
+                    try:
+                        self.fail(current, error)
+                    except Exception:
+                        self.store.mark_failed(job.id, error)  # never leave it `running` for ever
             except Exception:
                 log.exception("cannot record the failure", job_id=job.id)
 
@@ -320,6 +354,9 @@ class Daemon:
             self.store.mark_superseded(job.id, "the file was deleted before it was transcribed")
             bound.info("job dropped", result="deleted")
             return
+        except OSError as exc:
+            self.fail(job, f"{path.name}: cannot read ({exc.strerror or exc})")
+            return
         if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
             self.store.mark_superseded(job.id, "the file changed; its new version is queued")
             self.store.enqueue(path, st.st_size, st.st_mtime_ns)
@@ -331,10 +368,25 @@ class Daemon:
         try:
             rules = self.effective_rules(path)
             options = rules.decode_options()
-        except (RuleError, ValueError) as exc:
+            for target in output_paths(path, rules.outputs).values():
+                check_name_fits(target)
+        except (RuleError, ValueError, NameTooLongError) as exc:
             self.fail(job, str(exc))
             return
-        audio_seconds = probe_duration(path)
+        if self._finished_before_restart(job, st, rules.outputs):
+            return
+        inbox = self.inbox_for(path)
+        try:
+            with open_recording(path, inbox.path if inbox else None,
+                                inbox.follow_links_outside if inbox else False) as recording:
+                audio_seconds = probe_duration(recording.read_path)
+        except FileNotFoundError:
+            self.store.mark_superseded(job.id, "the file was deleted before it was transcribed")
+            bound.info("job dropped", result="deleted")
+            return
+        except RecordingRefused as exc:
+            self.fail(job, str(exc))
+            return
         timeout = self.config.jobs.timeout_for(audio_seconds)
         remove_stale_temp_outputs(path)
         self.current_job = job
@@ -342,7 +394,10 @@ class Daemon:
         self.notifier.status(self._status_line())
         bound.info("job started", audio_seconds=audio_seconds, attempt=job.attempts + 1,
                    language=options.language, task=options.task, rules=[str(s) for s in rules.sources])
-        request = {"job_id": job.id, "path": str(path), "options": options, "outputs": rules.outputs}
+        request = {"job_id": job.id, "path": str(path), "options": options, "outputs": rules.outputs,
+                   "inbox_root": str(inbox.path) if inbox else None,
+                   "follow_links_outside": bool(inbox and inbox.follow_links_outside),
+                   "size": job.size, "mtime_ns": job.mtime_ns}
         try:
             outcome = self.supervisor.run_job(request, timeout, self._tick)
         except WorkerStartError as exc:
@@ -350,6 +405,22 @@ class Daemon:
         finally:
             self.current_job = None
         self._record(job, outcome, rules)
+
+    def _finished_before_restart(self, job: Job, st: os.stat_result, formats: tuple[str, ...]) -> bool:
+        """A job interrupted after its outputs were renamed into place (killed before it was recorded
+        done) is recorded done now instead of being run again: its complete output set is there and
+        newer than the recording. A partial set (killed between two renames) is redone."""
+        assert self.store is not None
+        interrupted = job.attempts > 0 or job.last_error is not None
+        if not interrupted or not outputs_up_to_date(job.path, st, formats):
+            return False
+        outputs = [str(p) for p in output_paths(job.path, formats).values()]
+        self.store.mark_done(job.id, None, None, None, extra={
+            "outputs": outputs, "note": "outputs were already in place from the interrupted attempt"})
+        remove_error_note(job.path)
+        log.info("job done", job_id=job.id, path=str(job.path), result="already_written")
+        self._write_status(force=True)
+        return True
 
     def _record(self, job: Job, outcome: JobOutcome, rules: EffectiveRules) -> None:
         assert self.store is not None
@@ -362,10 +433,13 @@ class Daemon:
                                         "worker_jobs_done": reply["jobs_done"],
                                         "language_probability": reply["language_probability"],
                                         "rules": [str(s) for s in rules.sources]})
-            error_file_for(path).unlink(missing_ok=True)
+            remove_error_note(path)
             bound.info("job done", result="done", audio_seconds=round(reply["audio_seconds"], 2),
                        wall_seconds=round(reply["wall_seconds"], 2), language=reply["language"],
                        worker_pid=reply["pid"], segments=reply["segments"])
+        elif outcome.reply.get("gone"):
+            self.store.mark_superseded(job.id, outcome.error)
+            bound.info("job dropped", result="gone", error=outcome.error)
         elif outcome.kind == "interrupted":
             remove_stale_temp_outputs(path)
             self.store.requeue(job.id, count_attempt=False, error="requeued: whisperd stopped during the job")
@@ -388,23 +462,33 @@ class Daemon:
         """Tell the user next to the file (removed again when a later run succeeds), then mark failed.
 
         The note comes first, so that whoever sees `failed` in the job store or the log finds it.
+        It is best effort: a name too long for a note, an unwritable folder or a name that is not
+        UTF-8 must never keep the job from being recorded failed.
         """
         assert self.store is not None
         attempts = job.attempts + 1  # mark_failed counts the failing attempt
         remove_stale_temp_outputs(job.path)
-        note = (
-            f"whisperd could not transcribe {job.path.name}\n\n{error}\n\n"
-            f"attempts: {attempts}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
-            "Replace or touch the file to try again.\n"
-        )
-        try:
-            atomic_write_text(error_file_for(job.path), note)
-        except OSError as exc:
-            log.warning("cannot write error file", path=str(job.path), error=str(exc))
+        self._write_error_note(job.path, error, attempts)
         failed = self.store.mark_failed(job.id, error)
         log.error("job failed", job_id=job.id, path=str(job.path), result="failed", error=error,
                   attempts=failed.attempts)
         self._write_status(force=True)
+
+    @staticmethod
+    def _write_error_note(path: Path, error: str, attempts: int) -> None:
+        note = (
+            f"whisperd could not transcribe {path.name}\n\n{error}\n\n"
+            f"attempts: {attempts}\ntime: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+            "Replace or touch the file to try again.\n"
+        )
+        try:
+            mode = mode_like(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o600
+        try:
+            atomic_write_text(error_file_for(path), note, mode)
+        except Exception as exc:  # noqa: BLE001 - see the docstring of fail()
+            log.warning("cannot write error file", path=str(path), error=f"{type(exc).__name__}: {exc}")
 
     # -- reload and status ------------------------------------------------------------------
 
@@ -474,11 +558,18 @@ class Daemon:
             "current_job": {"id": self.current_job.id, "path": str(self.current_job.path)} if self.current_job else None,
             "inboxes": [str(i.path) for i in self.config.inboxes],
             "stopping": self.stop_requested,
+            "unrecognised_files": self._unrecognised_existing(),
         }
         try:
             atomic_write_text(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=2) + "\n")
         except OSError as exc:
             log.warning("cannot write status file", error=str(exc))
+
+    def _unrecognised_existing(self) -> list[dict[str, str]]:
+        """The remembered unrecognised files that are still there (renamed or removed ones drop out)."""
+        with self._unrecognised_lock:
+            items = list(self.unrecognised.items())
+        return [{"path": p, "reason": r} for p, r in items[-20:] if os.path.lexists(p)]
 
     def _shutdown(self) -> None:
         self.notifier.stopping()

@@ -87,6 +87,12 @@ def collect_status(state_dir: Path, failures: int = 10, recent: int = 10) -> dic
     return report
 
 
+def shown(path: object) -> str:
+    """A path as text a terminal can show: bytes that are not UTF-8 appear as `\\xNN`, a newline as `\\n`."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _ago(ts: float | None) -> str:
     if not ts:
         return "?"
@@ -117,15 +123,20 @@ def format_status(report: dict[str, Any]) -> str:
     counts = report["counts"]
     lines.append("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed", "superseded")))
     for job in report["running"]:
-        lines.append(f"running: {job['path']} (attempt {job['attempts'] + 1})")
+        lines.append(f"running: {shown(job['path'])} (attempt {job['attempts'] + 1})")
     if report.get("recent"):
         lines.append("recently done:")
         for job in report["recent"]:
-            lines.append(f"  {job['path']} ({_ago(job['finished_at'])}, {_done_detail(job)})")
+            lines.append(f"  {shown(job['path'])} ({_ago(job['finished_at'])}, {_done_detail(job)})")
+    unrecognised = (daemon or {}).get("unrecognised_files") if daemon and daemon.get("alive") else None
+    if unrecognised:
+        lines.append("not taken as recordings (rename them to transcribe them):")
+        for item in unrecognised:
+            lines.append(f"  {shown(item['path'])}: {item['reason']}")
     if report["failures"]:
         lines.append("recent failures:")
         for job in report["failures"]:
-            lines.append(f"  {job['path']} ({_ago(job['finished_at'])}, attempts {job['attempts']}): {job['error']}")
+            lines.append(f"  {shown(job['path'])} ({_ago(job['finished_at'])}, attempts {job['attempts']}): {shown(job['error'])}")
     return "\n".join(lines)
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "Watcher",
     "is_candidate_name",
     "scan_inbox",
+    "unrecognised_reason",
 ]
 
 log = structlog.get_logger(__name__)
@@ -120,6 +121,23 @@ def is_candidate_name(path: str | os.PathLike[str]) -> bool:
         return False
     stem, dot, ext = lower.rpartition(".")
     return bool(dot and stem and ext in AUDIO_EXTENSIONS)
+
+
+def unrecognised_reason(name: str) -> str | None:
+    """Why a visible, non-temporary file is not taken as a recording (None when that is expected).
+
+    A recording saved without an extension, or with one whisperd does not know, would otherwise
+    sit in the inbox with no job and no word; the daemon logs and shows these names once.
+    """
+    if not name or name.startswith(".") or is_candidate_name(name):
+        return None
+    lower = name.lower()
+    if WHISPERD_TMP_MARKER in lower or lower.endswith(IGNORED_SUFFIXES):
+        return None
+    stem, dot, ext = lower.rpartition(".")
+    if not dot or not stem:
+        return "no file extension, so it is not taken as a recording (add one such as .m4a or .wav)"
+    return f"extension .{ext} is not a known audio or video type"
 
 
 @dataclass(frozen=True)
@@ -368,6 +386,7 @@ def scan_inbox(
     inbox: Inbox,
     *,
     scandir: Callable[[str], Iterable[os.DirEntry[str]]] = os.scandir,
+    on_unrecognised: Callable[[str, str], None] | None = None,
 ) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(path, stat)`` for every eligible regular file in ``inbox``.
 
@@ -386,6 +405,9 @@ def scan_inbox(
                                 stack.append(entry.path)
                             continue
                         if not is_candidate_name(entry.name):
+                            reason = unrecognised_reason(entry.name) if on_unrecognised else None
+                            if reason and on_unrecognised and entry.is_file(follow_symlinks=False):
+                                on_unrecognised(entry.path, reason)
                             continue
                         st = entry.stat()  # follows a symlink to a file
                     except OSError as exc:
@@ -449,11 +471,15 @@ class _InboxHandler(FileSystemEventHandler):
             tracker.forget(src)
             if dest and self._inbox.owns(dest):
                 self._watcher._nominate(dest, Activity.SEEN)
+            elif dest:
+                self._watcher._unrecognised(self._inbox, dest)
             return
         if isinstance(event, FileDeletedEvent):
             tracker.forget(src)
             return
         if not self._inbox.owns(src):
+            if isinstance(event, FileClosedEvent):
+                self._watcher._unrecognised(self._inbox, src)
             return
         if isinstance(event, FileClosedEvent):
             self._watcher._nominate(src, Activity.CLOSED)
@@ -519,12 +545,14 @@ class Watcher:
         settle_seconds: float = 2.0,
         rescan_seconds: float = 300.0,
         *,
+        on_unrecognised: Callable[[str, str], None] | None = None,
         poll_seconds: float = 2.0,
         open_idle_seconds: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inboxes: tuple[Inbox, ...] = _unique(inboxes)
         self._on_ready = on_ready
+        self._on_unrecognised = on_unrecognised
         self.settle_seconds = settle_seconds
         self.rescan_seconds = rescan_seconds
         self.poll_seconds = poll_seconds
@@ -650,6 +678,22 @@ class Watcher:
         self.tracker.observe(path, activity)
         self._wake_settle.set()
 
+    def _unrecognised(self, inbox: Inbox, path: str) -> None:
+        if self._on_unrecognised is None:
+            return
+        try:
+            parts = Path(path).relative_to(inbox.path).parts
+        except ValueError:
+            return
+        if not parts or any(p.startswith(".") for p in parts[:-1]) or (not inbox.recursive and len(parts) != 1):
+            return
+        reason = unrecognised_reason(parts[-1])
+        if reason:
+            try:
+                self._on_unrecognised(path, reason)
+            except Exception:  # never let the report break event handling
+                log.exception("watcher.unrecognised_report_failed", path=path)
+
     def _on_events_lost(self) -> None:
         log.warning("watcher.events_lost", action="rescanning now")
         self.tracker.events_lost()
@@ -760,7 +804,7 @@ class Watcher:
                 return
             if not inbox.path.is_dir():
                 continue  # logged by _sync_watches; retried at the next scan
-            for path, st in scan_inbox(inbox):
+            for path, st in scan_inbox(inbox, on_unrecognised=self._on_unrecognised):
                 seen += 1
                 if self.tracker.observe_scanned(path, st):
                     nominated += 1

@@ -46,6 +46,9 @@ def classify_error(exc: BaseException) -> bool:
     from whisperd.audio import AudioDecodeError
     from whisperd.engine import TranscriptionError
 
+    declared = getattr(exc, "permanent", None)
+    if isinstance(declared, bool):
+        return declared
     if isinstance(exc, (AudioDecodeError, TranscriptionError, ValueError)):
         return True
     if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
@@ -58,21 +61,30 @@ def describe_error(exc: BaseException) -> str:
     from whisperd.audio import AudioDecodeError
     from whisperd.engine import TranscriptionError
 
-    if isinstance(exc, (AudioDecodeError, TranscriptionError)):
+    from whisperd.naming import NameTooLongError
+    from whisperd.recording import RecordingGone, RecordingRefused
+
+    if isinstance(exc, (AudioDecodeError, TranscriptionError, RecordingGone, RecordingRefused, NameTooLongError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
 def run_job(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from whisperd.recording import RecordingGone
     from whisperd.transcribe_file import transcribe_file
 
     options: DecodeOptions = request["options"]
+    inbox_root = request.get("inbox_root")
+    expected = (request["size"], request["mtime_ns"]) if "size" in request else None
     try:
-        result = transcribe_file(engine, Path(request["path"]), options, tuple(request["outputs"]))
+        result = transcribe_file(engine, Path(request["path"]), options, tuple(request["outputs"]),
+                                 inbox_root=Path(inbox_root) if inbox_root else None,
+                                 follow_links_outside=bool(request.get("follow_links_outside")), expected=expected)
     except Exception as exc:  # reported to the daemon, which decides retry or failure
         return {
             "type": "error",
             "job_id": request["job_id"],
+            "gone": isinstance(exc, RecordingGone),
             "permanent": classify_error(exc),
             "error": describe_error(exc),
             "traceback": traceback.format_exc(limit=5),

@@ -11,7 +11,8 @@ from typing import Any
 
 import srt
 
-from whisperd.atomic import atomic_write_text
+from whisperd.atomic import commit, discard, encode_text, stage_bytes
+from whisperd.naming import output_paths
 from whisperd.outputs.cues import build_cues, join_text
 from whisperd.transcript import Segment, Transcript
 
@@ -131,15 +132,21 @@ def render(transcript: Transcript, fmt: str) -> str:
     return FORMATS[fmt](transcript)
 
 
-def output_paths(audio_path: Path, formats: Iterable[str]) -> dict[str, Path]:
-    """`talk.m4a` -> `talk.txt`, `talk.srt`, ... in the same folder."""
-    return {fmt: audio_path.with_suffix(f".{fmt}") for fmt in formats}
+def write_outputs(audio_path: Path, transcript: Transcript, formats: Iterable[str], *, mode: int | None = None,
+                  before_commit: Callable[[], None] | None = None) -> dict[str, Path]:
+    """Render every format, stage each as a fresh temp file, then rename them all into place.
 
-
-def write_outputs(audio_path: Path, transcript: Transcript, formats: Iterable[str]) -> dict[str, Path]:
-    """Render every format first, then write each atomically, so a render error writes nothing."""
+    A render error, a full disk or `before_commit` raising (the recording vanished, say) leaves no
+    output and no temp file behind; see whisperd.atomic for why the set is renamed together.
+    """
     paths = output_paths(audio_path, formats)
     rendered = {fmt: render(transcript, fmt) for fmt in paths}
-    for fmt, path in paths.items():
-        atomic_write_text(path, rendered[fmt])
+    staged = []
+    try:
+        for fmt, path in paths.items():
+            staged.append(stage_bytes(path, encode_text(rendered[fmt]), mode))
+    except BaseException:
+        discard(staged)
+        raise
+    commit(staged, before_commit)
     return paths

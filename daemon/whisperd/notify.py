@@ -4,6 +4,10 @@ Does nothing when NOTIFY_SOCKET is unset (run by hand, or under a service manage
 The datagrams are sent here rather than through `sdnotify`, which encodes messages as Latin-1 and
 silently drops any it cannot encode: a STATUS naming `会议.wav` would vanish, and with it a READY=1
 sent in the same datagram, leaving systemd waiting for a reload that has finished.
+
+The socket is non-blocking: the kernel queues only a few datagrams (net.unix.max_dgram_qlen) until
+systemd reads them, and a blocking send would stall the main loop, SIGTERM handling included. A
+message that does not fit is dropped; the next STATUS or WATCHDOG ping carries the news anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ class Notifier:
     def __init__(self, watchdog_seconds: float | None = None) -> None:
         self.address = notify_address()
         self.enabled = self.address is not None
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) if self.enabled else None
+        kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        self._socket = socket.socket(socket.AF_UNIX, kind) if self.enabled else None
         self.watchdog_interval = watchdog_interval()
         self.ping_seconds: float | None = None
         self.set_watchdog_seconds(watchdog_seconds)
@@ -36,7 +41,10 @@ class Notifier:
         self.ping_seconds = min(seconds, half) if seconds else half
 
     def send(self, *lines: str) -> None:
-        """One datagram, UTF-8 as systemd expects; errors are ignored (notifying must never stop the work)."""
+        """One datagram, UTF-8 as systemd expects, sent only if it fits now.
+
+        Errors (EAGAIN: systemd's queue is full) are ignored: notifying must never stop or delay the work.
+        """
         if self._socket is None or self.address is None:
             return
         try:

@@ -2,23 +2,49 @@
 
 A rule file is read again whenever it changes, so edits apply to the next job without a restart.
 A broken rule file fails the jobs under its folder with a message naming the file and the key.
+
+Rule files are written by whoever can drop files into an inbox, so reading one must stay cheap
+whatever it holds: a rule file must be a regular file (not a link, FIFO or device) of at most
+MAX_RULE_FILE_BYTES of UTF-8 YAML without aliases, and string values are short. Anything else
+is refused with a one-line RuleError of bounded length.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from whisperd.languages import normalize_language
 from whisperd.options import DecodeOptions
 
 RULE_FILE_NAME = ".whisperd.yaml"
 OutputFormat = Literal["txt", "srt", "vtt", "json"]
+
+# A rule file holds a handful of short keys; 64 KiB leaves room for comments and keeps parsing
+# (pure-Python YAML, under the daemon's rules lock) to milliseconds.
+MAX_RULE_FILE_BYTES = 64 * 1024
+# Whisper uses at most ~224 tokens of prompt (half its 448-token context); 1000 characters is
+# already more than that, and a longer prompt only costs memory in the backend.
+MAX_PROMPT_CHARS = 1000
+MAX_LANGUAGE_CHARS = 40  # the longest name is "haitian creole"
+MAX_OUTPUTS = 8  # four formats; a list of thousands would be written thousands of times
+# Rule files are a mapping of scalars and short lists. Composing YAML recurses per level, and
+# pure-Python YAML takes about 20 us a value: stopping early keeps any file to milliseconds.
+MAX_NESTING = 8
+MAX_YAML_VALUES = 1000
+# Notes added to a value's "too long" error, by key.
+LENGTH_NOTES = {
+    "initial_prompt": "Whisper uses at most about 224 tokens of prompt; list names and terms, not whole texts",
+}
+MAX_PROBLEMS_SHOWN = 3
 
 
 class RuleError(ValueError):
@@ -30,10 +56,10 @@ class RuleSet(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    language: str | None = None
+    language: str | None = Field(None, max_length=MAX_LANGUAGE_CHARS)
     task: Literal["transcribe", "translate"] | None = None
-    outputs: tuple[OutputFormat, ...] | None = None
-    initial_prompt: str | None = None
+    outputs: tuple[OutputFormat, ...] | None = Field(None, max_length=MAX_OUTPUTS)
+    initial_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     # Word times from the model's cross-attention: cues start and end on words, the .json lists
     # them. Off by default: about 20 % slower, and segment times already put cue onsets within
     # 0.5 s on the meeting benchmark.
@@ -80,18 +106,50 @@ class EffectiveRules:
         return tuple(self.rules.outputs or DEFAULT_RULES.outputs or ())
 
 
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel = 2
+_short_repr.maxstring = _short_repr.maxother = _short_repr.maxlong = 60
+_short_repr.maxlist = _short_repr.maxtuple = _short_repr.maxdict = _short_repr.maxset = 4
+
+
+def bounded_repr(value: Any, limit: int = 80) -> str:
+    """repr() of at most `limit` characters, computed without walking the whole value: a value
+    from a rule file can be huge, or (through YAML aliases) a small text standing for billions."""
+    return bounded(_short_repr.repr(value), limit)
+
+
+def bounded(text: str, limit: int = 80) -> str:
+    """`text` on one line and cut to `limit` characters, for messages that quote input."""
+    text = " ".join(text[:limit * 4].split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe_validation_error(source: str, exc: ValidationError, allowed_keys: tuple[str, ...] = ()) -> str:
-    """One line per problem: `file: key 'task': input should be 'transcribe' or 'translate' (got 'x')`."""
+    """`file: key 'task': input should be 'transcribe' or 'translate' (got 'x'); key ...`, on one line.
+
+    Keys and values are quoted only in part, and only the first few problems are listed, so the
+    message stays short whatever the input (it goes into logs, the job store and .error.txt notes).
+    """
+    errors = exc.errors(include_url=False)
     parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
+    for err in errors[:MAX_PROBLEMS_SHOWN]:
+        key = bounded(".".join(str(p) for p in err["loc"]) or "(top level)", 60)
+        msg = bounded(err["msg"].removeprefix("Value error, "), 200)
         if err["type"] == "extra_forbidden":
             msg = "unknown key" + (f"; allowed keys are {', '.join(allowed_keys)}" if allowed_keys else "")
+        elif err["type"] == "string_too_long" and err["loc"] and err["loc"][-1] in LENGTH_NOTES:
+            msg = f"{msg} ({LENGTH_NOTES[str(err['loc'][-1])]})"
         got = err.get("input")
-        suffix = f" (got {got!r})" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
-        parts.append(f"{source}: key '{key}': {msg}{suffix}")
-    return "; ".join(parts)
+        if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict):
+            suffix = ""
+        elif err["type"] == "string_too_long" and isinstance(got, str):
+            suffix = f" (got {len(got)} characters)"
+        else:
+            suffix = f" (got {bounded_repr(got)})"
+        parts.append(f"key '{key}': {msg}{suffix}")
+    if len(errors) > MAX_PROBLEMS_SHOWN:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS_SHOWN} more problems")
+    return f"{source}: " + "; ".join(parts)
 
 
 def parse_rules(data: Any, source: str) -> RuleSet:
@@ -105,22 +163,128 @@ def parse_rules(data: Any, source: str) -> RuleSet:
         raise RuleError(describe_validation_error(source, exc, tuple(RuleSet.model_fields))) from None
 
 
+class _Refused(Exception):
+    """Valid YAML that rule files do not allow; the message says where."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(f"line {mark.line + 1}: {problem}")
+
+
+class RuleFileLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with bounded nesting.
+
+    One alias stands for a whole subtree, so a few lines of aliases of aliases ("billion laughs")
+    stand for billions of values, expanded by anything that walks them (a repr() in a message).
+    Rule files need neither aliases nor depth (composing recurses once per level) nor thousands
+    of values (each costs parse time under the daemon's rules lock).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        where = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused("aliases are not allowed in rule files; write the value out", where)
+        if self._depth >= MAX_NESTING:
+            raise _Refused(f"nested more than {MAX_NESTING} levels deep", where)
+        self._values += 1
+        if self._values > MAX_YAML_VALUES:
+            raise _Refused(f"more than {MAX_YAML_VALUES} values; a rule file needs a handful", where)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+MUST_BE_REGULAR = "a rule file must be a regular file"
+
+
+def check_rule_file_stat(rule_file: Path, st: os.stat_result) -> None:
+    """Refuse anything but a small regular file (`st` from lstat or fstat: links are not followed).
+
+    A FIFO blocks its reader until someone writes, a link to /dev/zero never ends, and a link
+    could make the daemon read files its users cannot; a big file stalls every folder.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):
+            raise RuleError(f"{rule_file}: is a symbolic link; {MUST_BE_REGULAR}, not a link")
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "a special file")
+        raise RuleError(f"{rule_file}: is {kind}; {MUST_BE_REGULAR}")
+    if st.st_size > MAX_RULE_FILE_BYTES:
+        raise RuleError(f"{rule_file}: too large ({st.st_size} bytes); "
+                        f"rule files may be at most {MAX_RULE_FILE_BYTES // 1024} KiB")
+
+
+def read_rule_text(rule_file: Path) -> str:
+    """The text of a rule file, read without following a link, without waiting and with bounded size."""
+    try:
+        fd = os.open(rule_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since it was checked
+            raise RuleError(f"{rule_file}: is a symbolic link; {MUST_BE_REGULAR}, not a link") from None
+        raise RuleError(f"{rule_file}: cannot read: {exc.strerror}") from None
+    try:
+        check_rule_file_stat(rule_file, os.fstat(fd))
+        chunks: list[bytes] = []
+        left = MAX_RULE_FILE_BYTES + 1  # one more, to notice a file that grew since fstat
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise RuleError(f"{rule_file}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_RULE_FILE_BYTES:
+        raise RuleError(f"{rule_file}: too large (it grew while being read); "
+                        f"rule files may be at most {MAX_RULE_FILE_BYTES // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RuleError(f"{rule_file}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def load_rule_file(rule_file: Path) -> RuleSet:
+    """Read, parse and validate one rule file; every problem is a RuleError naming the file."""
+    text = read_rule_text(rule_file)
+    try:
+        data = yaml.load(text, Loader=RuleFileLoader)  # noqa: S506 (RuleFileLoader is a SafeLoader)
+    except _Refused as exc:
+        raise RuleError(f"{rule_file}: {exc}") from None
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # int() and datetime() raise ValueError
+        raise RuleError(f"{rule_file}: not valid YAML: {bounded(str(exc), 300)}") from None
+    return parse_rules(data, str(rule_file))
+
+
 class RuleResolver:
     """Finds and merges the rule files that apply to a path, re-reading a file only when it changed."""
 
     def __init__(self) -> None:
-        self._cache: dict[Path, tuple[tuple[int, int], RuleSet | RuleError]] = {}
+        self._cache: dict[Path, tuple[tuple[int, ...], RuleSet | RuleError]] = {}
 
     def load(self, rule_file: Path) -> RuleSet | None:
+        """The file's rules, None when there is no such file; RuleError when it cannot be used.
+
+        Keyed by lstat (a link is a refused file of its own, not the file it points to), and the
+        outcome is cached, errors too: a hostile file costs one read per change.
+        """
         try:
-            st = rule_file.stat()
-        except FileNotFoundError:
+            st = os.lstat(rule_file)
+        except (FileNotFoundError, NotADirectoryError):
             self._cache.pop(rule_file, None)
             return None
-        stamp = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            raise RuleError(f"{rule_file}: cannot read: {exc.strerror}") from None
+        stamp = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size)
         cached = self._cache.get(rule_file)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, self._read(rule_file))
+            cached = (stamp, self._read(rule_file, st))
             self._cache[rule_file] = cached
         result = cached[1]
         if isinstance(result, RuleError):
@@ -128,15 +292,10 @@ class RuleResolver:
         return result
 
     @staticmethod
-    def _read(rule_file: Path) -> RuleSet | RuleError:
+    def _read(rule_file: Path, st: os.stat_result) -> RuleSet | RuleError:
         try:
-            data = yaml.safe_load(rule_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            return RuleError(f"{rule_file}: cannot read: {exc}")
-        except yaml.YAMLError as exc:
-            return RuleError(f"{rule_file}: not valid YAML: {exc}".replace("\n", " "))
-        try:
-            return parse_rules(data, str(rule_file))
+            check_rule_file_stat(rule_file, st)  # before opening: never open a device or a link
+            return load_rule_file(rule_file)
         except RuleError as exc:
             return exc
 

@@ -15,7 +15,7 @@ from whisperd.config import InboxConfig
 from whisperd.jobstore import JobStore
 from whisperd.notify import Notifier
 from whisperd.naming import TEMP_PREFIX, error_file_for, temp_tag
-from whisperd.service import EmptyFileSweep, remove_stale_temp_outputs
+from whisperd.runner import remove_stale_temp_outputs
 from whisperd.status import collect_status, format_status
 from whisperd.watcher import Inbox
 
@@ -98,21 +98,6 @@ def test_sleep_until_the_next_ping_is_due_not_a_whole_period(notify_socket: sock
 
 
 # -- the daemon's helpers -----------------------------------------------------------------------
-
-
-def test_empty_file_is_reported_after_two_sweeps(tmp_path: Path) -> None:
-    (tmp_path / "empty.wav").touch()
-    (tmp_path / "speech.wav").write_bytes(b"RIFF")
-    old = time.time() - 60
-    os.utime(tmp_path / "empty.wav", (old, old))
-    sweep = EmptyFileSweep(grace_seconds=0.05)
-    inboxes = [Inbox(tmp_path)]
-    assert sweep.sweep(inboxes) == []  # first sighting
-    [(path, st)] = sweep.sweep(inboxes)
-    assert path == tmp_path / "empty.wav" and st.st_size == 0
-    (tmp_path / "growing.wav").touch()  # just created: too young however often it is seen
-    assert [p.name for p, _ in sweep.sweep(inboxes)] == ["empty.wav"]
-    assert [p.name for p, _ in sweep.sweep(inboxes)] == ["empty.wav"]
 
 
 def test_stale_temp_outputs_of_any_format_are_removed(tmp_path: Path) -> None:

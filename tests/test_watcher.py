@@ -246,16 +246,32 @@ def test_tracker_events_lost_drops_open_flags(fs: FakeFS) -> None:
     assert advance(fs, t, 2.5) == ["/i/a.wav"]
 
 
-def test_tracker_drops_vanished_and_empty_files(fs: FakeFS) -> None:
+def test_tracker_drops_vanished_files(fs: FakeFS) -> None:
     t = tracker_for(fs)
     fs.write("/i/gone.wav", 10)
-    fs.write("/i/empty.wav", 0)
     t.observe("/i/gone.wav")
-    t.observe("/i/empty.wav")
     t.observe("/i/never.wav")  # already gone when first stat'ed
     assert advance(fs, t, 1.0) == []
     del fs.files["/i/gone.wav"]
     assert advance(fs, t, 5.0) == []
+    assert len(t) == 0
+
+
+def test_tracker_reports_a_file_that_stays_empty_only_after_the_empty_window(fs: FakeFS) -> None:
+    """A file being created is empty for a moment; one that stays empty is reported (and fails with
+    a note), so it does not sit in the inbox unexplained."""
+    t = tracker_for(fs)
+    t.empty_settle_seconds = 30.0
+    fs.write("/i/empty.wav", 0)
+    fs.write("/i/growing.wav", 0)
+    t.observe("/i/empty.wav")
+    t.observe("/i/growing.wav")
+    assert advance(fs, t, 5.0) == []
+    fs.write("/i/growing.wav", 100)  # its first write arrives: a normal settle from here
+    t.observe("/i/growing.wav", Activity.CLOSED)
+    assert advance(fs, t, 5.0) == ["/i/growing.wav"]
+    assert advance(fs, t, 15.0) == []
+    assert advance(fs, t, 10.0) == ["/i/empty.wav"]
     assert len(t) == 0
 
 

@@ -51,7 +51,7 @@ def rule_files(inbox: InboxConfig) -> Iterator[Path]:
     """The rule files the daemon would read: not under hidden folders, which it never watches,
     and without following folder symlinks (no loops)."""
     if not inbox.recursive:
-        if (inbox.path / RULE_FILE_NAME).is_file():
+        if os.path.lexists(inbox.path / RULE_FILE_NAME):  # a FIFO or a link is reported, not skipped
             yield inbox.path / RULE_FILE_NAME
         return
     for folder, subfolders, files in os.walk(inbox.path):

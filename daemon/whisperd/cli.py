@@ -6,41 +6,59 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
 
 from whisperd.logs import quiet_library_warnings
-from whisperd.options import (
-    BACKENDS,
-    DEVICES,
-    OPENVINO_DEVICES,
-    OPENVINO_PRECISIONS,
-    OUTPUT_FORMATS,
-    PRECISIONS,
-    TASKS,
-    DecodeOptions,
-    EngineSettings,
-)
+from whisperd.options import EngineSettings
+from whisperd.rules import DEFAULT_RULES, Rules, RuleSet, decode_options_from, describe_validation_error
+
+# Flags that keep an older spelling beside the one made from the field's name.
+FLAG_ALIASES = {"outputs": ["--output-format"]}
 
 
-def parse_formats(value: str) -> tuple[str, ...]:
-    formats = tuple(f.strip().lower() for f in value.split(",") if f.strip())
-    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
-    if unknown or not formats:
-        raise argparse.ArgumentTypeError(f"output formats must be a comma list of {', '.join(OUTPUT_FORMATS)}")
-    return formats
+def _comma_list(name: str, choices: tuple[str, ...], description: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(v.strip().lower() for v in value.split(",") if v.strip())
+        if not items or any(v not in choices for v in items):
+            raise argparse.ArgumentTypeError(f"--{name}: expected a {description}")
+        return items
+    return parse
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, transformers dir or CTranslate2 dir (default openai/whisper-base)")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="auto (default: openvino on the CPU, transformers on CUDA and Intel GPUs), "
-                             "transformers or openvino")
-    parser.add_argument("--device", help=f"transformers: {', '.join(DEVICES)}; openvino: {', '.join(OPENVINO_DEVICES)}")
-    parser.add_argument("--precision",
-                        help=f"transformers: {', '.join(PRECISIONS)}; openvino: {', '.join(OPENVINO_PRECISIONS)}")
-    parser.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
-    parser.add_argument("--cpu-embedding", action="store_true", default=None, help="keep embeddings on the CPU (Intel iGPU)")
+def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of `model` (the settings' one declaration): type, choices and help come
+    from the field. Unset flags stay None, so only what the user gave overrides the defaults."""
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
+        kind = next((a for a in get_args(info.annotation) if a is not type(None)), info.annotation) \
+            if get_origin(info.annotation) in (Union, UnionType) else info.annotation
+        default = "" if info.default in (None, False) else f" (default: {_shown_default(info.default)})"
+        common: dict[str, Any] = {"dest": name, "default": None, "help": f"{info.description or name}{default}".replace("%", "%%")}
+        if kind is bool:
+            parser.add_argument(*flags, action="store_true", **common)
+        elif get_origin(kind) is Literal:
+            parser.add_argument(*flags, choices=get_args(kind), **common)
+        elif get_origin(kind) is tuple and get_origin(get_args(kind)[0]) is Literal:
+            choices = get_args(get_args(kind)[0])
+            parser.add_argument(*flags, type=_comma_list(name, choices, info.description or ""), **common)
+        else:
+            parser.add_argument(*flags, type=kind if kind in (int, float) else str, **common)
+
+
+def _shown_default(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def field_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The flags of `model`'s fields that were given on the command line."""
+    return {k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,20 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="transcribe files once and write outputs next to them")
     tr.add_argument("files", nargs="+", type=Path)
-    add_engine_arguments(tr)
-    tr.add_argument("--language", default="auto", help="auto, a code (zh) or a name (chinese)")
-    tr.add_argument("--task", choices=TASKS, default="transcribe")
-    tr.add_argument("--initial-prompt")
-    tr.add_argument("--word-timestamps", action="store_true",
-                    help="time every word (cues start and end on words; about 20%% slower)")
-    tr.add_argument("--output-format", type=parse_formats, default=("txt", "srt"), help="comma list: txt,srt,vtt,json")
+    add_field_flags(tr, EngineSettings)
+    add_field_flags(tr, Rules)
 
     fm = sub.add_parser("fetch-model", help="obtain a model and print its local transformers directory")
     fm.add_argument("name")
 
     run = sub.add_parser("run", help="run the daemon: watch the inboxes and transcribe what arrives")
     run.add_argument("--config", type=Path, required=True)
-    add_engine_arguments(run)
+    add_field_flags(run, EngineSettings, skip=("batch_size",))
 
     st = sub.add_parser("status", help="queue counts, the running job and recent failures")
     st.add_argument("--config", type=Path, help="daemon config (its state_dir is read)")
@@ -81,23 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from whisperd.audio import AudioDecodeError
     from whisperd.engine import create_engine
-    from whisperd.engine import TranscriptionError
+    from whisperd.errors import WhisperdError
     from whisperd.transcribe_file import transcribe_file
 
-    options = DecodeOptions(language=args.language, task=args.task, initial_prompt=args.initial_prompt,
-                            word_timestamps=args.word_timestamps)
-    settings = EngineSettings().with_overrides(
-        model=args.model, device=args.device, precision=args.precision, threads=args.threads,
-        cpu_embedding=args.cpu_embedding, backend=args.backend,
-    )
+    try:
+        rules = RuleSet.model_validate(field_values(args, Rules)).merged_over(DEFAULT_RULES)
+        options = decode_options_from(Rules(**rules.model_dump()))
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error("command line", exc)) from None
+    settings = EngineSettings().with_overrides(**field_values(args, EngineSettings))
     engine = create_engine(settings)
     failed = 0
     for path in args.files:
         try:
-            result = transcribe_file(engine, path, options, args.output_format)
-        except (AudioDecodeError, TranscriptionError, OSError) as exc:
+            result = transcribe_file(engine, path, options, rules.outputs)
+        except (WhisperdError, OSError) as exc:
             failed += 1
             print(f"FAILED {path}: {exc}", flush=True)
             continue
@@ -119,15 +131,10 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def engine_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {k: getattr(args, k) for k in ("model", "device", "precision", "threads", "cpu_embedding", "backend")
-            if getattr(args, k, None) is not None}
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from whisperd.service import Daemon
 
-    return Daemon(args.config, engine_overrides(args)).run()
+    return Daemon(args.config, field_values(args, EngineSettings)).run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

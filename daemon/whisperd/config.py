@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from whisperd.options import DEVICES, OPENVINO_PRECISIONS, PRECISIONS, EngineSettings
+from whisperd.errors import WhisperdError
+from whisperd.options import EngineSettings
 from whisperd.rules import RuleSet, describe_validation_error
 
 
-class ConfigError(ValueError):
+class ConfigError(WhisperdError, ValueError):
     """The config file cannot be used; the message names the file and the key."""
+
+    permanent = True
 
 
 class _Strict(BaseModel):
@@ -26,38 +29,6 @@ class InboxConfig(_Strict):
     poll: bool = Field(False, description="use polling instead of inotify (NFS/SMB shares deliver no events)")
     follow_links_outside: bool = Field(False, description="transcribe symlinks that lead outside this inbox")
     rules: RuleSet = RuleSet()
-
-
-class EngineConfig(_Strict):
-    backend: Literal["auto", "transformers", "openvino"] = "auto"
-    model: str = "openai/whisper-medium"
-    device: str = "auto"
-    precision: str = "auto"
-    threads: int | None = Field(None, ge=1)
-    cpu_embedding: bool = False
-    batch_size: int = Field(8, ge=1)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str, info: ValidationInfo) -> str:
-        # OpenVINO also takes its own device names (GPU.1); they are checked when the engine starts.
-        if info.data.get("backend", "auto") != "openvino" and v not in DEVICES:
-            raise ValueError(f"use one of {', '.join(DEVICES)}")
-        return v
-
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, v: str, info: ValidationInfo) -> str:
-        allowed = {
-            "transformers": PRECISIONS,
-            "openvino": OPENVINO_PRECISIONS,
-        }.get(info.data.get("backend", "auto"), PRECISIONS + tuple(p for p in OPENVINO_PRECISIONS if p not in PRECISIONS))
-        if v not in allowed:
-            raise ValueError(f"use one of {', '.join(allowed)}")
-        return v
-
-    def settings(self) -> EngineSettings:
-        return EngineSettings(**self.model_dump())
 
 
 class JobConfig(_Strict):
@@ -73,7 +44,7 @@ class JobConfig(_Strict):
 
 class DaemonConfig(_Strict):
     inboxes: list[InboxConfig] = Field(min_length=1)
-    engine: EngineConfig = EngineConfig()
+    engine: EngineSettings = EngineSettings()
     jobs: JobConfig = JobConfig()
     state_dir: Path = Path("/var/lib/whisperd")
     settle_seconds: float = Field(2.0, ge=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from whisperd.errors import WhisperdError
 from whisperd.options import DEVICES, PRECISIONS
 
 # Weight formats that ipex-llm quantises on load. On the CPU only some have kernels.
@@ -21,8 +22,10 @@ TORCH_DTYPES: dict[str, frozenset[str]] = {
 AUTO_PRECISION: dict[str, str] = {"xpu": "sym_int4", "cuda": "fp16", "cpu": "fp32"}
 
 
-class UnsupportedSettingError(ValueError):
+class UnsupportedSettingError(WhisperdError, ValueError):
     """A device or precision that cannot run here; the message says what to use instead."""
+
+    permanent = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,11 @@ Identity. A job is keyed by the audio file's identity ``(path, size, mtime_ns)``
 Paths are stored as bytes (``os.fsencode``) so that file names that are not valid UTF-8 (Latin-1
 names on an SMB share, say) round-trip exactly instead of failing the insert.
 
-Attempts. ``attempts`` counts *unsuccessful* attempts: an error (``mark_retry``, ``mark_failed``),
-a timeout, or a worker/daemon that died mid-job (``requeue(count_attempt=True)``,
-``requeue_running()``).  A clean hand-back (SIGTERM while a job runs: ``requeue(count_attempt=False)``)
-does not count, so restarting the service never burns a job's retries.  A job that crashes the
-worker every time therefore still reaches the retry limit and ends ``failed``; the limit itself is
-the caller's policy (``max_attempts`` arguments), not stored here.
+Attempts. ``attempts`` counts *unsuccessful* attempts, recorded by ``mark_retry`` and
+``mark_failed``: an error, a timeout, or a worker or daemon that died mid-job. A clean hand-back
+(SIGTERM while a job runs: ``requeue``) does not count, so restarting the service never burns a
+job's retries. Whether a failed attempt is retried, and after how long, is decided above the store
+by the one retry policy (whisperd.retry); the store only records state transitions.
 
 Times are wall-clock epoch seconds (``time.time()``) so they mean something to ``whisperd status``
 and across processes and reboots; every method that compares with "now" accepts ``now=`` for tests.
@@ -39,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,17 +47,24 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATES",
     "Job",
+    "JobState",
     "JobStateError",
     "JobStore",
     "JobStoreError",
 ]
 
-QUEUED: Final = "queued"
-RUNNING: Final = "running"
-DONE: Final = "done"
-FAILED: Final = "failed"
-SUPERSEDED: Final = "superseded"
-STATES: Final[tuple[str, ...]] = (QUEUED, RUNNING, DONE, FAILED, SUPERSEDED)
+class JobState(StrEnum):
+    """Where a job is; the values are what the database stores."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+QUEUED, RUNNING, DONE, FAILED, SUPERSEDED = JobState
+STATES: Final[tuple[JobState, ...]] = tuple(JobState)
 FINAL_STATES: Final[frozenset[str]] = frozenset({DONE, FAILED, SUPERSEDED})
 
 #: Bump together with a new entry in ``_MIGRATIONS``.
@@ -128,7 +135,7 @@ class Job:
     path: Path
     size: int
     mtime_ns: int
-    state: str
+    state: JobState
     attempts: int
     last_error: str | None
     enqueued_at: float
@@ -159,7 +166,7 @@ class Job:
             path=Path(os.fsdecode(path)),
             size=size,
             mtime_ns=mtime_ns,
-            state=state,
+            state=JobState(state),
             attempts=attempts,
             last_error=last_error,
             enqueued_at=enqueued_at,
@@ -456,77 +463,18 @@ class JobStore:
             )
             return self._get(conn, job_id)
 
-    def requeue(
-        self,
-        job_id: int,
-        count_attempt: bool,
-        *,
-        error: str | None = None,
-        max_attempts: int | None = None,
-        now: float | None = None,
-    ) -> Job:
-        """``running`` → ``queued``, claimable at once.
-
-        ``count_attempt=False`` is the clean hand-back (SIGTERM during a job): nothing went wrong
-        with the job, so its retries are untouched. ``count_attempt=True`` is for a worker that
-        died or hung mid-job: the job may be the cause, so it counts, and once ``attempts`` reaches
-        ``max_attempts`` the job is ``failed`` instead of queued - a poison file cannot crash-loop
-        the worker for ever.
-        """
-        now = self._clock() if now is None else now
+    def requeue(self, job_id: int, *, error: str | None = None, now: float | None = None) -> Job:
+        """``running`` → ``queued``, claimable at once, no attempt counted: the clean hand-back
+        (SIGTERM during a job) - nothing went wrong with the job, so its retries are untouched.
+        A failed attempt goes through ``mark_retry`` or ``mark_failed`` instead."""
         with self._write() as conn:
             self._require(conn, job_id, (RUNNING,))
-            self._requeue_rows(conn, [job_id], count_attempt, error, max_attempts, now)
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', not_before = 0, started_at = NULL, worker_pid = NULL,"
+                " last_error = COALESCE(?, last_error) WHERE id = ?",
+                (storable(error), job_id),
+            )
             return self._get(conn, job_id)
-
-    def requeue_running(
-        self,
-        *,
-        count_attempt: bool = True,
-        error: str = "interrupted: whisperd stopped while this job was running",
-        max_attempts: int | None = None,
-        now: float | None = None,
-    ) -> int:
-        """Crash recovery at start-up: every ``running`` job goes back to ``queued``; returns how many.
-
-        Call it once, before any worker starts, from the process that owns the state directory
-        (it cannot tell a crashed claimer from a live one in another process). By default each
-        counts as an attempt: after an unclean stop we cannot know the job was innocent (an OOM
-        kill or a native crash may be its doing), and one counted attempt is cheap when the cause
-        was a power cut. With ``max_attempts``, jobs that reach it end ``failed``.
-        """
-        now = self._clock() if now is None else now
-        with self._write() as conn:
-            ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")]
-            self._requeue_rows(conn, ids, count_attempt, error, max_attempts, now)
-            return len(ids)
-
-    @staticmethod
-    def _requeue_rows(
-        conn: sqlite3.Connection,
-        ids: list[int],
-        count_attempt: bool,
-        error: str | None,
-        max_attempts: int | None,
-        now: float,
-    ) -> None:
-        for job_id in ids:
-            attempts = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
-            if count_attempt:
-                attempts += 1
-            if count_attempt and max_attempts is not None and attempts >= max_attempts:
-                conn.execute(
-                    "UPDATE jobs SET state = 'failed', attempts = ?, finished_at = ?,"
-                    " last_error = ? WHERE id = ?",
-                    (attempts, now, f"{error or 'interrupted'} (attempt {attempts} of {max_attempts}, giving up)",
-                     job_id),
-                )
-            else:
-                conn.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = ?, not_before = 0, started_at = NULL,"
-                    " worker_pid = NULL, last_error = COALESCE(?, last_error) WHERE id = ?",
-                    (attempts, storable(error), job_id),
-                )
 
     # -- reading ---------------------------------------------------------------------------------
 

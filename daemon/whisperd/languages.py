@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from whisperd.errors import WhisperdError
 from whisperd.language_table import LANGUAGES, TO_LANGUAGE_CODE
 
 AUTO = "auto"
 
 
-class UnknownLanguageError(ValueError):
+class UnknownLanguageError(WhisperdError, ValueError):
     """A language that Whisper does not know; the message lists how to spell known ones."""
+
+    permanent = True
 
 
 def normalize_language(value: str | None) -> str:

@@ -15,12 +15,20 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-TEMP_PREFIX = ".whisperd-tmp."
+from whisperd.errors import WhisperdError
+from whisperd.options import OUTPUT_FORMATS
+
+TEMP_MARKER = ".whisperd-tmp"
+TEMP_PREFIX = TEMP_MARKER + "."
 ERROR_SUFFIX = ".error.txt"
 DEFAULT_NAME_MAX = 255
+#: What other programs call files they are still writing (browsers, rsync, editors).
+TEMPORARY_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
+#: The files whisperd writes beside a recording: never recordings themselves.
+SIDE_FILE_SUFFIXES: tuple[str, ...] = (*(f".{fmt}" for fmt in OUTPUT_FORMATS), ERROR_SUFFIX)
 
 
-class NameTooLongError(OSError):
+class NameTooLongError(WhisperdError, OSError):
     """An output name would not fit in the folder's name limit: renaming the recording fixes it."""
 
     permanent = True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from whisperd.languages import normalize_language
 
@@ -23,23 +25,50 @@ BACKENDS: tuple[str, ...] = ("auto", "transformers", "openvino")
 OPENVINO_DEVICES: tuple[str, ...] = ("auto", "cpu", "xpu", "gpu", "npu")
 # Weight compression of the exported IR (auto = int8).
 OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "int8", "int4", "fp16", "fp32")
+# The model used when none is named: the one a fresh machine can obtain without the hub (see models/).
+DEFAULT_MODEL = "openai/whisper-base"
 
 
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    """How to load the model; changing any of these means loading it again."""
+class EngineSettings(BaseModel):
+    """How to load the model; changing any of these means loading it again.
 
-    model: str = "openai/whisper-base"
-    device: str = "auto"
-    precision: str = "auto"
-    cpu_embedding: bool = False
-    threads: int | None = None
-    batch_size: int = 8
-    backend: str = "auto"  # one of BACKENDS
+    The one declaration of every engine setting: the config's `engine:` section is this model,
+    and the command line's engine flags are made from its fields (whisperd.cli_options).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["auto", "transformers", "openvino"] = Field(
+        "auto", description="auto (openvino on the CPU, transformers on CUDA and Intel GPUs), transformers or openvino")
+    model: str = Field(DEFAULT_MODEL, description="hub id, a transformers folder, or a CTranslate2 (faster-whisper) folder")
+    device: str = Field("auto", description=f"transformers: {', '.join(DEVICES)}; openvino: {', '.join(OPENVINO_DEVICES)} "
+                                            "or an OpenVINO device name (GPU.1)")
+    precision: str = Field("auto", description=f"transformers: {', '.join(PRECISIONS)}; openvino: "
+                                               f"{', '.join(OPENVINO_PRECISIONS)}")
+    threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: all cores)")
+    cpu_embedding: bool = Field(False, description="keep the embedding on the CPU (Intel integrated GPUs)")
+    batch_size: int = Field(8, ge=1, description="speech windows decoded together")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str, info: ValidationInfo) -> str:
+        # OpenVINO also takes its own device names (GPU.1); they are checked when the engine starts.
+        if info.data.get("backend", "auto") != "openvino" and v not in DEVICES:
+            raise ValueError(f"use one of {', '.join(DEVICES)}")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str, info: ValidationInfo) -> str:
+        allowed = {"transformers": PRECISIONS, "openvino": OPENVINO_PRECISIONS}.get(
+            info.data.get("backend", "auto"), PRECISIONS + tuple(p for p in OPENVINO_PRECISIONS if p not in PRECISIONS))
+        if v not in allowed:
+            raise ValueError(f"use one of {', '.join(allowed)}")
+        return v
 
     def with_overrides(self, **changes: object) -> EngineSettings:
-        """Copy with the given fields replaced; None values are ignored (unset CLI flags)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """Copy with the given fields replaced (and validated); None values are ignored (unset CLI flags)."""
+        return type(self).model_validate({**self.model_dump(), **{k: v for k, v in changes.items() if v is not None}})
 
 
 @dataclass(frozen=True, slots=True)

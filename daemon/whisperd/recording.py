@@ -17,14 +17,16 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from whisperd.errors import WhisperdError
 
-class RecordingRefused(OSError):
+
+class RecordingRefused(WhisperdError, OSError):
     """The name does not lead to a recording whisperd may read; trying again will not help."""
 
     permanent = True
 
 
-class RecordingGone(OSError):
+class RecordingGone(WhisperdError, OSError):
     """The recording was deleted or replaced while it was transcribed: its outputs are dropped."""
 
     permanent = True

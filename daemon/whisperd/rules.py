@@ -11,22 +11,27 @@ is refused with a one-line RuleError of bounded length.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import reprlib
 import stat
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic.fields import FieldInfo
 
+from whisperd.errors import WhisperdError
 from whisperd.languages import normalize_language
-from whisperd.options import DecodeOptions
+from whisperd.options import OUTPUT_FORMATS, DecodeOptions
 
 RULE_FILE_NAME = ".whisperd.yaml"
-OutputFormat = Literal["txt", "srt", "vtt", "json"]
+OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
 
 # A rule file holds a handful of short keys; 64 KiB leaves room for comments and keeps parsing
 # (pure-Python YAML, under the daemon's rules lock) to milliseconds.
@@ -47,23 +52,39 @@ LENGTH_NOTES = {
 MAX_PROBLEMS_SHOWN = 3
 
 
-class RuleError(ValueError):
-    """A rule file (or the config's defaults) that cannot be used; the message names file and key."""
+class RuleError(WhisperdError, ValueError):
+    """A rule file (or the config's defaults) that cannot be used; the message names file and key.
+
+    Permanent for the job: the file is failed with this message; editing the rule file (or
+    touching the recording) queues it again."""
+
+    permanent = True
 
 
-class RuleSet(BaseModel):
-    """Keys a folder may set. Unset keys (None) fall through to the folder above."""
+class Rules(BaseModel):
+    """Every rule key and its default: the one declaration.
+
+    Folder files and inbox defaults use `RuleSet` (the same keys, each optional, derived below),
+    `whisperd transcribe` makes its flags from these fields (whisperd.cli), and keys that name a
+    DecodeOptions field are passed to the engine by name. Adding a rule key is adding a field here
+    (and a DecodeOptions field, or another use, that reads it).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    language: str | None = Field(None, max_length=MAX_LANGUAGE_CHARS)
-    task: Literal["transcribe", "translate"] | None = None
-    outputs: tuple[OutputFormat, ...] | None = Field(None, max_length=MAX_OUTPUTS)
-    initial_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    language: str = Field("auto", max_length=MAX_LANGUAGE_CHARS,
+                          description="auto, or a code or name: en, zh, chinese, es, sv, ...")
+    task: Literal["transcribe", "translate"] = Field("transcribe", description="transcribe, or translate to English")
+    outputs: tuple[OutputFormat, ...] = Field(("txt", "srt"), max_length=MAX_OUTPUTS,
+                                              description=f"comma list of output formats: {', '.join(OUTPUT_FORMATS)}")
+    initial_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS,
+        description=f"spelling hints for the model, at most {MAX_PROMPT_CHARS} characters "
+                    "(Whisper reads only about 224 tokens of it)")
     # Word times from the model's cross-attention: cues start and end on words, the .json lists
     # them. Off by default: about 20 % slower, and segment times already put cue onsets within
     # 0.5 s on the meeting benchmark.
-    word_timestamps: bool | None = None
+    word_timestamps: bool = Field(False, description="time every word (cues start and end on words; ~20 % slower)")
 
     @field_validator("language")
     @classmethod
@@ -74,16 +95,26 @@ class RuleSet(BaseModel):
     @classmethod
     def _outputs_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(v.strip().lower() for v in value.split(",") if v.strip())
         return value
 
-    def merged_over(self, base: RuleSet) -> RuleSet:
+    def merged_over(self, base: BaseModel) -> Any:
         """This rule set's keys win; unset keys come from `base`."""
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
-DEFAULT_RULES = RuleSet(language="auto", task="transcribe", outputs=("txt", "srt"), initial_prompt=None,
-                        word_timestamps=False)
+def _all_optional(model: type[BaseModel], name: str) -> Any:
+    """`model` with every field optional and None by default (unset: falls through to the folder above);
+    the constraints and validators stay those of `model`."""
+    fields: dict[str, Any] = {}
+    for key, info in model.model_fields.items():
+        fields[key] = (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+    return create_model(name, __base__=model, __doc__="Keys a folder may set; unset keys (None) fall through.",
+                        **fields)
+
+
+RuleSet = _all_optional(Rules, "RuleSet")
+DEFAULT_RULES = RuleSet(**Rules().model_dump())
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +125,17 @@ class EffectiveRules:
     sources: tuple[Path, ...]
 
     def decode_options(self) -> DecodeOptions:
-        return DecodeOptions(
-            language=self.rules.language or "auto",
-            task=self.rules.task or "transcribe",
-            initial_prompt=self.rules.initial_prompt,
-            word_timestamps=bool(self.rules.word_timestamps),
-        )
+        """The rule keys that are decode options, by name."""
+        return decode_options_from(Rules(**self.rules.merged_over(DEFAULT_RULES).model_dump()))
 
     @property
     def outputs(self) -> tuple[str, ...]:
         return tuple(self.rules.outputs or DEFAULT_RULES.outputs or ())
+
+
+def decode_options_from(rules: Rules) -> DecodeOptions:
+    names = {f.name for f in dataclasses.fields(DecodeOptions)}
+    return DecodeOptions(**{k: v for k, v in rules.model_dump().items() if k in names})
 
 
 _short_repr = reprlib.Repr()
@@ -310,6 +342,39 @@ class RuleResolver:
                 rules = found.merged_over(rules)
                 sources.append(rule_file)
         return EffectiveRules(rules, tuple(sources))
+
+
+class InboxSettings(Protocol):
+    """The parts of an inbox's configuration that rules need (whisperd.config.InboxConfig)."""
+
+    path: Path
+    rules: RuleSet
+    follow_links_outside: bool
+
+
+class InboxRules:
+    """The configured inboxes and their rule files: which inbox a path is in, and its rules.
+
+    Shared by the watcher's thread and the main loop; one lock guards the resolver's cache.
+    Reading a rule file never blocks (see `read_rule_text`), so the lock is held only briefly.
+    """
+
+    def __init__(self, inboxes: Sequence[InboxSettings]) -> None:
+        self.inboxes = tuple(inboxes)
+        self._resolver = RuleResolver()
+        self._lock = threading.Lock()
+
+    def inbox_for(self, path: Path) -> InboxSettings | None:
+        """The innermost configured inbox that holds `path`."""
+        matches = [i for i in self.inboxes if path.is_relative_to(i.path)]
+        return max(matches, key=lambda i: len(i.path.parts), default=None)
+
+    def effective(self, path: Path) -> EffectiveRules:
+        inbox = self.inbox_for(path)
+        if inbox is None:
+            raise RuleError(f"{path} is not inside any configured inbox")
+        with self._lock:
+            return self._resolver.resolve(path, inbox.path, inbox.rules)
 
 
 def folders_between(root: Path, folder: Path) -> list[Path]:

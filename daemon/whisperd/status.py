@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,36 @@ from whisperd.jobstore import Job, JobStore, JobStoreError
 
 STATUS_FILE = "daemon.json"
 STATUS_REFRESH_SECONDS = 15.0  # the daemon rewrites its status file at least this often while it runs
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatus:
+    """What a running daemon says about itself in `daemon.json`; written by the daemon, read by `status`."""
+
+    pid: int
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    ready: bool = False
+    worker_pid: int | None = None
+    worker_starts: int = 0
+    engine: dict[str, Any] | None = None
+    current_job: dict[str, Any] | None = None  # {"id", "path"}
+    inboxes: list[str] = field(default_factory=list)
+    stopping: bool = False
+    unrecognised_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+
+    def to_json(self) -> str:
+        # ensure_ascii: a name that is not UTF-8 is kept as an escape, never an encoding error.
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonStatus:
+        """Tolerant of keys added or dropped by other versions of whisperd."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,13 +80,12 @@ def _recent_done_ids(db: Path, limit: int) -> list[int]:
 def _read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
     status_file = state_dir / STATUS_FILE
     try:
-        daemon = json.loads(status_file.read_text(encoding="utf-8"))
+        status = DaemonStatus.from_json(status_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         return {"pid": None, "alive": False, "error": f"{status_file}: {exc}"}
-    daemon["alive"] = bool(daemon.get("pid")) and pid_alive(int(daemon["pid"]))
-    return daemon
+    return {**asdict(status), "alive": bool(status.pid) and pid_alive(int(status.pid))}
 
 
 def collect_status(state_dir: Path, failures: int = 10, recent: int = 10) -> dict[str, Any]:

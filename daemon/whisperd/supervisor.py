@@ -10,30 +10,20 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
 
+from whisperd.errors import WhisperdError
 from whisperd.logs import get_logger
 from whisperd.options import EngineSettings
+from whisperd.protocol import AttemptOutcome, Fatal, JobDone, JobFailed, JobOutcome, JobRequest, Ready, Stop
 from whisperd.worker import worker_main
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.5
 
 
-class WorkerStartError(RuntimeError):
-    """The worker could not load the model (bad model name, unsupported device): not worth retrying."""
-
-
-@dataclass(slots=True)
-class JobOutcome:
-    """What happened to one job in the worker. `kind` is done, error, crashed, timeout or interrupted."""
-
-    kind: str
-    reply: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-    permanent: bool = False
+class WorkerStartError(WhisperdError, RuntimeError):
+    """The worker could not load the model (bad model name, unsupported device)."""
 
 
 class WorkerSupervisor:
@@ -46,7 +36,7 @@ class WorkerSupervisor:
         self._ctx = mp.get_context("spawn")
         self._process: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
-        self.ready_info: dict[str, Any] = {}
+        self.ready_info: Ready | None = None
         self.starts = 0
 
     @property
@@ -56,7 +46,7 @@ class WorkerSupervisor:
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
-    def start(self, tick: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+    def start(self, tick: Callable[[], bool] = lambda: True) -> Ready:
         """Spawn the worker and wait for it to load the model. `tick` runs while waiting; False aborts."""
         self.stop()
         parent, child = self._ctx.Pipe()
@@ -78,14 +68,14 @@ class WorkerSupervisor:
                     message = parent.recv()
                 except EOFError:
                     break
-                if message["type"] == "ready":
+                if isinstance(message, Ready):
                     self.ready_info = message
-                    log.info("worker ready", worker_pid=message["pid"], load_seconds=round(message["load_seconds"], 2),
-                             **message["engine"])
+                    log.info("worker ready", worker_pid=message.pid, load_seconds=round(message.load_seconds, 2),
+                             **message.engine)
                     return message
-                if message["type"] == "fatal":
+                if isinstance(message, Fatal):
                     self.stop()
-                    raise WorkerStartError(message["error"])
+                    raise WorkerStartError(message.error)
             elif not process.is_alive():
                 break
         code = process.exitcode
@@ -93,7 +83,7 @@ class WorkerSupervisor:
         raise WorkerStartError(f"worker exited while loading the model (exit code {code})"
                                if code is not None else "worker did not load the model in time")
 
-    def run_job(self, request: dict[str, Any], timeout: float, tick: Callable[[], bool] = lambda: True) -> JobOutcome:
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool] = lambda: True) -> JobOutcome:
         """Send one job and wait for its reply, calling `tick` about twice a second.
 
         `tick` returning False means the daemon wants to stop now: the worker is killed and the
@@ -103,28 +93,33 @@ class WorkerSupervisor:
             self.start(tick)
         assert self._conn is not None and self._process is not None
         try:
-            self._conn.send({"type": "job", **request})
+            self._conn.send(request)
         except OSError:  # BrokenPipeError: it died since alive() said otherwise
-            return self._lost("crashed", "the worker process died before it got the job")
+            return self._lost(AttemptOutcome.CRASHED, "the worker process died before it got the job")
         deadline = time.monotonic() + timeout
         while True:
             if self._conn.poll(POLL_SECONDS):
                 try:
                     reply = self._conn.recv()
                 except (EOFError, OSError):
-                    return self._lost("crashed", "the worker process died during the job")
-                if reply["type"] == "done":
-                    return JobOutcome("done", reply)
-                return JobOutcome("error", reply, error=reply["error"], permanent=bool(reply["permanent"]))
+                    return self._lost(AttemptOutcome.CRASHED, "the worker process died during the job")
+                if isinstance(reply, JobDone):
+                    return JobOutcome(AttemptOutcome.DONE, done=reply)
+                if isinstance(reply, JobFailed):
+                    kind = AttemptOutcome.GONE if reply.gone else AttemptOutcome.ERROR
+                    return JobOutcome(kind, error=reply.error, permanent=reply.permanent)
+                return self._lost(AttemptOutcome.CRASHED, f"the worker sent an unexpected {type(reply).__name__}")
             if not self._process.is_alive():
-                return self._lost("crashed", f"the worker process died during the job (exit code {self._process.exitcode})")
+                return self._lost(AttemptOutcome.CRASHED,
+                                  f"the worker process died during the job (exit code {self._process.exitcode})")
             if time.monotonic() > deadline:
-                return self._lost("timeout", f"the job ran past its {timeout:.0f} s timeout; the worker was restarted")
+                return self._lost(AttemptOutcome.TIMEOUT,
+                                  f"the job ran past its {timeout:.0f} s timeout; the worker was restarted")
             if not tick():
-                return self._lost("interrupted", "the daemon stopped during the job")
+                return self._lost(AttemptOutcome.INTERRUPTED, "the daemon stopped during the job")
 
-    def _lost(self, kind: str, error: str) -> JobOutcome:
-        log.warning("worker lost", reason=kind, worker_pid=self.pid, error=error)
+    def _lost(self, kind: AttemptOutcome, error: str) -> JobOutcome:
+        log.warning("worker lost", reason=kind.value, worker_pid=self.pid, error=error)
         self.stop(graceful=False)
         return JobOutcome(kind, error=error)
 
@@ -135,7 +130,7 @@ class WorkerSupervisor:
             return
         if graceful and process.is_alive() and conn is not None:
             try:
-                conn.send({"type": "stop"})
+                conn.send(Stop())
             except (BrokenPipeError, OSError):
                 pass
             process.join(5)

@@ -56,6 +56,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from whisperd.naming import SIDE_FILE_SUFFIXES, TEMP_MARKER, TEMPORARY_SUFFIXES
+
 __all__ = [
     "AUDIO_EXTENSIONS",
     "IGNORED_SUFFIXES",
@@ -81,14 +83,10 @@ AUDIO_EXTENSIONS: Final[frozenset[str]] = frozenset(
 #: Name endings that mark a temporary or side file, never a recording (checked case-insensitively).
 #: Most of them also fail the extension test; they are listed so the rule is explicit and holds
 #: even if someone adds an extension to ``AUDIO_EXTENSIONS``.
-IGNORED_SUFFIXES: Final[tuple[str, ...]] = (
-    ".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~",
-    # whisperd's own outputs and side files
-    ".txt", ".srt", ".vtt", ".json", ".error.txt",
-)
+IGNORED_SUFFIXES: Final[tuple[str, ...]] = TEMPORARY_SUFFIXES + SIDE_FILE_SUFFIXES
 
 #: Substring of the temporary names whisperd writes before renaming an output into place.
-WHISPERD_TMP_MARKER: Final = ".whisperd-tmp"
+WHISPERD_TMP_MARKER: Final = TEMP_MARKER
 
 # Only the events that can change whether a file is complete; in particular no IN_OPEN or
 # IN_CLOSE_NOWRITE, which the worker's own reads of the audio would otherwise flood us with.
@@ -205,9 +203,10 @@ class SettleTracker:
     came after it. If a writer keeps a file open but idle for ``open_idle_seconds`` (or the close
     event was lost: :meth:`events_lost` drops what we believed about open files), the file is
     released anyway, with a warning: better a transcript of what is there than a file stuck for
-    ever; a later change makes a new job. Empty files are never ready (no recording is 0 bytes;
-    one being created now comes back with its first write). A file gone before settling, or no
-    longer a regular file, is dropped with a debug line.
+    ever; a later change makes a new job. An empty file must stay empty for
+    ``empty_settle_seconds`` (a file being created is empty for a moment; one that stays empty
+    is reported, so that it ends failed with a note instead of sitting in the inbox unexplained).
+    A file gone before settling, or no longer a regular file, is dropped with a debug line.
 
     Stats happen only when a candidate is due (``poll``), not per event, so a burst of events or a
     huge start-up scan costs one or two stats per file.
@@ -215,6 +214,7 @@ class SettleTracker:
 
     settle_seconds: float = 2.0
     open_idle_seconds: float = 600.0
+    empty_settle_seconds: float = 60.0
     clock: Callable[[], float] = time.monotonic
     stat: Callable[[str], os.stat_result] = os.stat
     remember: int = 100_000  # how many reported signatures to remember (LRU) to suppress repeats
@@ -327,8 +327,9 @@ class SettleTracker:
                     self._push(cand)
                     continue
                 quiet = now - cand.stable_since
-                if quiet < self.settle_seconds:
-                    cand.due = cand.stable_since + self.settle_seconds
+                needed = self.empty_settle_seconds if st.st_size == 0 else self.settle_seconds
+                if quiet < needed:
+                    cand.due = cand.stable_since + needed
                     self._push(cand)
                     continue
                 if cand.open_for_write and quiet < self.open_idle_seconds:
@@ -337,9 +338,6 @@ class SettleTracker:
                     self._push(cand)
                     continue
                 del self._candidates[cand.path]
-                if st.st_size == 0:
-                    log.debug("watcher.empty_file_skipped", path=cand.path)
-                    continue
                 if cand.open_for_write:
                     log.warning(
                         "watcher.open_file_released", path=cand.path, idle_seconds=round(quiet, 1),
@@ -548,6 +546,7 @@ class Watcher:
         on_unrecognised: Callable[[str, str], None] | None = None,
         poll_seconds: float = 2.0,
         open_idle_seconds: float = 600.0,
+        empty_settle_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inboxes: tuple[Inbox, ...] = _unique(inboxes)
@@ -557,7 +556,8 @@ class Watcher:
         self.rescan_seconds = rescan_seconds
         self.poll_seconds = poll_seconds
         self._clock = clock
-        self.tracker = SettleTracker(settle_seconds=settle_seconds, open_idle_seconds=open_idle_seconds, clock=clock)
+        self.tracker = SettleTracker(settle_seconds=settle_seconds, open_idle_seconds=open_idle_seconds,
+                                     empty_settle_seconds=max(settle_seconds, empty_settle_seconds), clock=clock)
 
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -715,8 +715,7 @@ class Watcher:
                 return
             # A watch whose emitter stopped (its folder was deleted) is dropped, to be redone below.
             for inbox, watch in list(self._watches.items()):
-                observer = self._observers[inbox.poll]
-                emitter = getattr(observer, "_emitter_for_watch", {}).get(watch)
+                emitter = next((e for e in self._observers[inbox.poll].emitters if e.watch == watch), None)
                 if emitter is not None and not emitter.is_alive():
                     log.warning("watcher.watch_lost", inbox=str(inbox.path))
                     self._unschedule(inbox)

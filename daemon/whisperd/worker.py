@@ -1,28 +1,26 @@
 """The inference worker process: loads the model once, then transcribes one job at a time.
 
 It runs apart from the daemon so that a native crash, a hang or a leak in the inference stack
-costs one retry, not the service. Messages are plain dicts over a multiprocessing Pipe.
+costs one retry, not the service. Messages are the records of whisperd.protocol over a Pipe.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 import time
 import traceback
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-from whisperd.options import DecodeOptions, EngineSettings
+from whisperd.errors import WhisperdError, is_permanent
+from whisperd.options import EngineSettings
+from whisperd.protocol import Fatal, JobDone, JobFailed, JobRequest, Ready, Stop
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"whisperd-worker"  # what ps, top and pgrep show (at most 15 bytes)
-# Errors that will not go away by trying again.
-PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.EACCES, errno.EPERM}
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -41,64 +39,34 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def classify_error(exc: BaseException) -> bool:
-    """True when retrying cannot help (bad audio, unusable request, file gone); False for transient errors."""
-    from whisperd.audio import AudioDecodeError
-    from whisperd.engine import TranscriptionError
-
-    declared = getattr(exc, "permanent", None)
-    if isinstance(declared, bool):
-        return declared
-    if isinstance(exc, (AudioDecodeError, TranscriptionError, ValueError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
-        return True
-    return False
-
-
 def describe_error(exc: BaseException) -> str:
-    """Our own errors already read as sentences naming the file; others get their type for context."""
+    """whisperd's own errors already read as sentences naming the file; others get their type for context."""
     from whisperd.audio import AudioDecodeError
     from whisperd.engine import TranscriptionError
 
-    from whisperd.naming import NameTooLongError
-    from whisperd.recording import RecordingGone, RecordingRefused
-
-    if isinstance(exc, (AudioDecodeError, TranscriptionError, RecordingGone, RecordingRefused, NameTooLongError)):
+    if isinstance(exc, (WhisperdError, AudioDecodeError, TranscriptionError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_job(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
+def run_job(engine: Any, request: JobRequest, jobs_done: int) -> JobDone | JobFailed:
     from whisperd.recording import RecordingGone
     from whisperd.transcribe_file import transcribe_file
 
-    options: DecodeOptions = request["options"]
-    inbox_root = request.get("inbox_root")
-    expected = (request["size"], request["mtime_ns"]) if "size" in request else None
     try:
-        result = transcribe_file(engine, Path(request["path"]), options, tuple(request["outputs"]),
-                                 inbox_root=Path(inbox_root) if inbox_root else None,
-                                 follow_links_outside=bool(request.get("follow_links_outside")), expected=expected)
-    except Exception as exc:  # reported to the daemon, which decides retry or failure
-        return {
-            "type": "error",
-            "job_id": request["job_id"],
-            "gone": isinstance(exc, RecordingGone),
-            "permanent": classify_error(exc),
-            "error": describe_error(exc),
-            "traceback": traceback.format_exc(limit=5),
-        }
-    return {
-        "type": "done",
-        "job_id": request["job_id"],
-        "audio_seconds": result.transcript.duration,
-        "wall_seconds": result.wall_seconds,
-        "language": result.transcript.language,
-        "language_probability": result.transcript.language_probability,
-        "segments": len(result.transcript.segments),
-        "outputs": [str(p) for p in result.outputs.values()],
-    }
+        result = transcribe_file(engine, request.path, request.options, request.outputs,
+                                 inbox_root=request.inbox_root, follow_links_outside=request.follow_links_outside,
+                                 expected=request.expected)
+    except Exception as exc:  # reported to the daemon, whose retry policy decides
+        return JobFailed(job_id=request.job_id, pid=os.getpid(), jobs_done=jobs_done, error=describe_error(exc),
+                         permanent=is_permanent(exc), gone=isinstance(exc, RecordingGone),
+                         traceback=traceback.format_exc(limit=5))
+    return JobDone(
+        job_id=request.job_id, pid=os.getpid(), jobs_done=jobs_done,
+        audio_seconds=result.transcript.duration, wall_seconds=result.wall_seconds,
+        language=result.transcript.language, language_probability=result.transcript.language_probability,
+        segments=len(result.transcript.segments), outputs=tuple(str(p) for p in result.outputs.values()),
+    )
 
 
 def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log_level: str,
@@ -118,22 +86,17 @@ def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log
     try:
         engine = create_engine(settings)
     except Exception as exc:
-        conn.send({"type": "fatal", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)})
+        conn.send(Fatal(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5)))
         return
-    conn.send({"type": "ready", "pid": os.getpid(), "load_seconds": time.perf_counter() - started,
-               "engine": engine.describe()})
+    conn.send(Ready(pid=os.getpid(), load_seconds=time.perf_counter() - started, engine=engine.describe()))
     jobs_done = 0
     while True:
         try:
             request = conn.recv()
         except (EOFError, OSError):
             return
-        kind = request.get("type")
-        if kind == "stop":
+        if isinstance(request, Stop):
             return
-        if kind == "job":
-            reply = run_job(engine, request)
+        if isinstance(request, JobRequest):
             jobs_done += 1
-            reply["pid"] = os.getpid()
-            reply["jobs_done"] = jobs_done
-            conn.send(reply)
+            conn.send(run_job(engine, request, jobs_done))

@@ -1,0 +1,270 @@
+"""The job runner's state machine against a fake worker: every outcome of an attempt, in milliseconds.
+
+The fake stands in for the worker *process* only (its model and inference are covered end to end
+by the daemon tests); the job store, the rules, the recording checks and the retry policy are the
+real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from whisperd.config import DaemonConfig, JobConfig
+from whisperd.jobstore import Job, JobStore
+from whisperd.naming import error_file_for
+from whisperd.protocol import AttemptOutcome, JobDone, JobOutcome, JobRequest
+from whisperd.retry import RetryPolicy
+from whisperd.rules import InboxRules
+from whisperd.runner import JobRunner
+from whisperd.service import Daemon
+from whisperd.supervisor import WorkerStartError
+
+JOBS = JobConfig(max_attempts=3, retry_backoff_seconds=10.0)
+
+
+class FakeWorker:
+    """Answers each job with the next outcome from a script (or raises it)."""
+
+    def __init__(self, *script: JobOutcome | Exception) -> None:
+        self.script = list(script)
+        self.requests: list[JobRequest] = []
+
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool]) -> JobOutcome:
+        self.requests.append(request)
+        outcome = self.script.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def done(request_path: Path) -> JobOutcome:
+    return JobOutcome(AttemptOutcome.DONE, done=JobDone(
+        job_id=0, pid=1234, jobs_done=1, audio_seconds=1.0, wall_seconds=0.1, language="en",
+        language_probability=0.9, segments=1, outputs=(str(request_path.with_suffix(".txt")),)))
+
+
+def error(kind: AttemptOutcome = AttemptOutcome.ERROR, permanent: bool = False, text: str = "boom") -> JobOutcome:
+    return JobOutcome(kind, error=text, permanent=permanent)
+
+
+def write_wav(path: Path, seconds: float = 1.0) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(b"\0\1" * int(16000 * seconds))
+    return path
+
+
+@pytest.fixture()
+def inbox(tmp_path: Path) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> JobStore:
+    s = JobStore(tmp_path / "jobs.sqlite3")
+    yield s
+    s.close()
+
+
+def make_runner(store: JobStore, inbox: Path, jobs: JobConfig = JOBS) -> JobRunner:
+    config = DaemonConfig.model_validate({"inboxes": [{"path": str(inbox)}], "jobs": jobs.model_dump()})
+    return JobRunner(store, config.jobs, InboxRules(config.inboxes))
+
+
+def queue(store: JobStore, path: Path) -> Job:
+    st = path.stat()
+    store.enqueue(path, st.st_size, st.st_mtime_ns)
+    job = store.claim_next()
+    assert job is not None
+    return job
+
+
+def attempt(runner: JobRunner, store: JobStore, worker: FakeWorker, path: Path) -> Job:
+    """Claim `path`'s job (whenever its backoff allows), run it once, return the row after."""
+    job = store.claim_next(now=1e12)
+    assert job is not None and job.path == path
+    runner.process(job, worker, lambda: True)
+    after = store.get(job.id)
+    assert after is not None
+    return after
+
+
+def test_done_records_the_run_and_removes_an_old_note(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    error_file_for(audio).write_text("an earlier failure")
+    runner = make_runner(store, inbox)
+    job = queue(store, audio)
+    worker = FakeWorker(done(audio))
+    runner.process(job, worker, lambda: True)
+    row = store.get(job.id)
+    assert row is not None and row.state == "done" and row.language == "en"
+    assert row.extra["outputs"] == [str(audio.with_suffix(".txt"))]
+    assert not error_file_for(audio).exists()
+    [request] = worker.requests
+    assert request.expected == (audio.stat().st_size, audio.stat().st_mtime_ns)
+    assert request.inbox_root == inbox and request.outputs == ("txt", "srt")
+
+
+def test_transient_errors_are_retried_with_backoff_then_given_up(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    store.enqueue(audio, audio.stat().st_size, audio.stat().st_mtime_ns)
+    worker = FakeWorker(error(), error(AttemptOutcome.TIMEOUT), error(AttemptOutcome.CRASHED))
+    first = attempt(runner, store, worker, audio)
+    assert (first.state, first.attempts) == ("queued", 1)
+    assert first.not_before - (first.finished_at or 0) >= 0 and first.not_before > 0
+    second = attempt(runner, store, worker, audio)
+    assert (second.state, second.attempts) == ("queued", 2)
+    third = attempt(runner, store, worker, audio)
+    assert (third.state, third.attempts) == ("failed", 3)
+    assert "gave up after 3 attempts" in (third.last_error or "")
+    assert "gave up after 3 attempts" in error_file_for(audio).read_text()
+
+
+def test_backoff_doubles() -> None:
+    policy = RetryPolicy(max_attempts=4, backoff_seconds=10)
+    assert [policy.decide("x", permanent=False, failed_attempts=n).delay_seconds for n in (1, 2, 3)] == [10, 20, 40]
+    assert not policy.decide("x", permanent=False, failed_attempts=4).retry
+    assert not policy.decide("x", permanent=True, failed_attempts=1).retry
+
+
+def test_a_permanent_error_fails_at_once_with_a_note(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    job = queue(store, audio)
+    runner.process(job, FakeWorker(error(permanent=True, text="talk.wav: not an audio file")), lambda: True)
+    row = store.get(job.id)
+    assert row is not None and (row.state, row.attempts) == ("failed", 1)
+    assert "not an audio file" in error_file_for(audio).read_text()
+
+
+def test_a_worker_that_cannot_start_counts_as_a_crash(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    job = queue(store, audio)
+    runner.process(job, FakeWorker(WorkerStartError("out of memory")), lambda: True)
+    row = store.get(job.id)
+    assert row is not None and (row.state, row.attempts) == ("queued", 1)
+    assert "could not start" in (row.last_error or "")
+
+
+def test_interrupted_jobs_go_back_uncounted(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    for _ in range(5):  # five service stops during this job
+        job = store.claim_next() or queue(store, audio)
+        runner.process(job, FakeWorker(error(AttemptOutcome.INTERRUPTED)), lambda: True)
+    row = store.get(job.id)
+    assert row is not None and (row.state, row.attempts, row.not_before) == ("queued", 0, 0)
+
+
+def test_a_recording_gone_mid_job_is_dropped_without_a_note(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    job = queue(store, audio)
+    runner.process(job, FakeWorker(error(AttemptOutcome.GONE, permanent=True, text="talk.wav was deleted")),
+                   lambda: True)
+    row = store.get(job.id)
+    assert row is not None and row.state == "superseded" and not error_file_for(audio).exists()
+
+
+def test_a_file_that_keeps_crashing_the_worker_ends_failed_and_the_queue_moves_on(store: JobStore,
+                                                                                   inbox: Path) -> None:
+    poison, good = write_wav(inbox / "poison.wav"), write_wav(inbox / "good.wav")
+    runner = make_runner(store, inbox)
+    for path in (poison, good):
+        store.enqueue(path, path.stat().st_size, path.stat().st_mtime_ns)
+    worker = FakeWorker(*[error(AttemptOutcome.CRASHED, text="worker died (SIGSEGV)")] * 3, done(good))
+    states = [attempt(runner, store, worker, poison).state for _ in range(3)]
+    assert states == ["queued", "queued", "failed"]
+    assert attempt(runner, store, worker, good).state == "done"
+
+
+def test_start_up_recovery_counts_the_interrupted_attempt_through_the_policy(store: JobStore, inbox: Path) -> None:
+    once, twice = write_wav(inbox / "once.wav"), write_wav(inbox / "twice.wav")
+    runner = make_runner(store, inbox, JobConfig(max_attempts=2, retry_backoff_seconds=0))
+    for path in (once, twice):
+        queue(store, path)
+    store.mark_retry(store.running()[1].id, "an earlier crash", 0)  # twice.wav failed once already
+    assert store.claim_next() is not None
+    assert runner.recover_interrupted() == 2
+    rows = {Path(j.path).name: j for j in (store.get(1), store.get(2)) if j is not None}
+    assert (rows["once.wav"].state, rows["once.wav"].attempts) == ("queued", 1)
+    assert "interrupted" in (rows["once.wav"].last_error or "")
+    assert (rows["twice.wav"].state, rows["twice.wav"].attempts) == ("failed", 2)
+    assert "gave up after 2 attempts" in (rows["twice.wav"].last_error or "")
+    assert runner.recover_interrupted() == 0
+
+
+def test_rule_errors_and_refused_links_fail_before_the_worker_is_asked(store: JobStore, inbox: Path,
+                                                                       tmp_path: Path) -> None:
+    (inbox / "broken").mkdir()
+    (inbox / "broken" / ".whisperd.yaml").write_text("task: sing\n")
+    broken = write_wav(inbox / "broken" / "talk.wav")
+    outside = write_wav(tmp_path / "secret.wav")
+    (inbox / "escape.wav").symlink_to(outside)
+    runner = make_runner(store, inbox)
+    worker = FakeWorker()
+    for path in (broken, inbox / "escape.wav"):
+        job = queue(store, path)
+        runner.process(job, worker, lambda: True)
+        assert store.get(job.id).state == "failed"  # type: ignore[union-attr]
+    assert worker.requests == []
+    assert "task" in error_file_for(broken).read_text()
+
+
+class FakeSupervisor:
+    """Stands in for WorkerSupervisor in the daemon's engine switch: model 'broken' cannot load."""
+
+    started: list[str] = []
+
+    def __init__(self, settings, log_format: str, log_level: str) -> None:  # noqa: ANN001
+        self.settings = settings
+        self.running = False
+        self.ready_info = None
+        self.starts = 0
+        self.pid = None
+
+    def start(self, tick: Callable[[], bool]) -> None:
+        FakeSupervisor.started.append(self.settings.model)
+        if self.settings.model == "broken":
+            raise WorkerStartError("no such model: broken")
+        self.running = True
+
+    def alive(self) -> bool:
+        return self.running
+
+    def stop(self) -> None:
+        self.running = False
+
+
+def test_reload_into_an_engine_that_cannot_load_keeps_the_old_one(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("whisperd.service.WorkerSupervisor", FakeSupervisor)
+    FakeSupervisor.started = []
+    config = tmp_path / "whisperd.yaml"
+    (tmp_path / "inbox").mkdir()
+    settings = {"inboxes": [{"path": "inbox"}], "state_dir": "state", "engine": {"model": "good"}}
+    config.write_text(yaml.safe_dump(settings))
+    daemon = Daemon(config)
+    assert daemon._start_worker(daemon.config.engine) is None
+    old = daemon.config.engine
+    settings["engine"] = {"model": "broken"}
+    config.write_text(yaml.safe_dump(settings))
+    daemon.config = daemon.config.model_copy(update={"engine": daemon.config.engine.model_copy(update={"model": "broken"})})
+    daemon._switch_engine(old)
+    assert daemon.config.engine.model == "good"
+    assert daemon._ensure_worker() and daemon.supervisor.settings.model == "good"  # type: ignore[union-attr]
+    assert FakeSupervisor.started == ["good", "broken", "good"]
+    assert daemon.exit_code == 0 and not daemon.stop_requested
+    os.environ.pop("NOTIFY_SOCKET", None)

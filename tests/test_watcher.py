@@ -367,7 +367,7 @@ def test_scan_skips_an_unreadable_folder_and_logs_it(inbox: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         found = sorted(os.path.relpath(p, inbox) for p, _ in scan_inbox(Inbox(inbox), scandir=scandir))
     assert found == ["a.wav", os.path.join("zz", "b.wav")]
-    assert any(e["event"] == "watcher.folder_unreadable_skipped" and e["folder"] == locked for e in logs)
+    assert any(e["event"] == "folder unreadable skipped" and e["folder"] == locked for e in logs)
 
 
 # -- real observers ---------------------------------------------------------------------------
@@ -685,7 +685,7 @@ def test_unreadable_subfolder_does_not_break_the_watcher() -> None:
         _, paths, events = result
         assert paths == [str(inbox / "ok" / "after-start.wav"), str(inbox / "ok" / "before.wav")]
         assert any(
-            e["event"] == "watcher.folder_unreadable_skipped" and e["folder"] == str(inbox / "locked")
+            e["event"] == "folder unreadable skipped" and e["folder"] == str(inbox / "locked")
             for e in events
         ), events
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from whisperd.logs import quiet_library_warnings
+from whisperd.logs import configure_logging
 from whisperd.options import EngineSettings
 from whisperd.rules import DEFAULT_RULES, Rules, RuleSet, decode_options_from, describe_validation_error
 
@@ -175,9 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "run":  # the daemon sets up structured logging from its config
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        quiet_library_warnings()
+        configure_logging("console", "info" if args.verbose else "warning", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, LookupError, OSError) as exc:

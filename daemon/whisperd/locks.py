@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from whisperd.logs import get_logger
+
+log = get_logger("whisperd.locks")
 
 
 @contextlib.contextmanager
@@ -19,7 +20,7 @@ def file_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another process holding %s", path)
+            log.info("waiting for another process holding a lock", path=str(path))
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -340,11 +340,11 @@ class SettleTracker:
                 del self._candidates[cand.path]
                 if cand.open_for_write:
                     log.warning(
-                        "watcher.open_file_released", path=cand.path, idle_seconds=round(quiet, 1),
+                        "open file released", path=cand.path, idle_seconds=round(quiet, 1),
                         note="writer kept it open without writing; taking it as complete",
                     )
                 if self._reported.get(cand.path) == sig:
-                    log.debug("watcher.unchanged_not_reported_again", path=cand.path)
+                    log.debug("unchanged not reported again", path=cand.path)
                     continue
                 ready.append((Path(cand.path), st))
         return ready
@@ -365,13 +365,13 @@ class SettleTracker:
         try:
             st = self.stat(path)
         except FileNotFoundError:
-            log.debug("watcher.vanished_before_settling", path=path)
+            log.debug("vanished before settling", path=path)
             return None
         except OSError as exc:
-            log.warning("watcher.stat_failed", path=path, error=str(exc))
+            log.warning("stat failed", path=path, error=str(exc))
             return None
         if not stat_mod.S_ISREG(st.st_mode):
-            log.debug("watcher.not_a_regular_file", path=path)
+            log.debug("not a regular file", path=path)
             return None
         return st
 
@@ -410,15 +410,15 @@ def scan_inbox(
                         st = entry.stat()  # follows a symlink to a file
                     except OSError as exc:
                         if not isinstance(exc, FileNotFoundError):
-                            log.warning("watcher.scan_entry_unreadable", path=entry.path, error=str(exc))
+                            log.warning("scan entry unreadable", path=entry.path, error=str(exc))
                         continue
                     if stat_mod.S_ISREG(st.st_mode):
                         yield entry.path, st
         except OSError as exc:
             if directory == os.fspath(inbox.path):
-                log.error("watcher.inbox_unreadable", inbox=directory, error=str(exc))
+                log.error("inbox unreadable", inbox=directory, error=str(exc))
             else:
-                log.warning("watcher.folder_unreadable_skipped", folder=directory, error=str(exc))
+                log.warning("folder unreadable skipped", folder=directory, error=str(exc))
 
 
 class _as_context:
@@ -454,7 +454,7 @@ class _InboxHandler(FileSystemEventHandler):
         try:
             self._handle(event)
         except Exception:  # never let one odd event kill the observer thread
-            log.exception("watcher.event_handling_failed", event=repr(event))
+            log.exception("event handling failed", event=repr(event))
 
     def _handle(self, event: FileSystemEvent) -> None:
         tracker = self._watcher.tracker
@@ -600,7 +600,7 @@ class Watcher:
                 t.start()
         self.rescan_now()
         log.info(
-            "watcher.started",
+            "watcher started",
             inboxes=[str(i.path) for i in self._inboxes],
             settle_seconds=self.settle_seconds,
             rescan_seconds=self.rescan_seconds,
@@ -629,7 +629,7 @@ class Watcher:
         for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout)
-        log.info("watcher.stopped")
+        log.info("watcher stopped")
 
     def __enter__(self) -> Watcher:
         self.start()
@@ -663,7 +663,7 @@ class Watcher:
                 self._sync_watches()
             for inbox in removed:
                 self.tracker.forget_under(inbox.path)
-        log.info("watcher.inboxes_updated", inboxes=[str(i.path) for i in new])
+        log.info("inboxes updated", inboxes=[str(i.path) for i in new])
         if self._started:
             self.rescan_now()
 
@@ -692,10 +692,10 @@ class Watcher:
             try:
                 self._on_unrecognised(path, reason)
             except Exception:  # never let the report break event handling
-                log.exception("watcher.unrecognised_report_failed", path=path)
+                log.exception("unrecognised report failed", path=path)
 
     def _on_events_lost(self) -> None:
-        log.warning("watcher.events_lost", action="rescanning now")
+        log.warning("events lost", action="rescanning now")
         self.tracker.events_lost()
         self.rescan_now()
 
@@ -717,7 +717,7 @@ class Watcher:
             for inbox, watch in list(self._watches.items()):
                 emitter = next((e for e in self._observers[inbox.poll].emitters if e.watch == watch), None)
                 if emitter is not None and not emitter.is_alive():
-                    log.warning("watcher.watch_lost", inbox=str(inbox.path))
+                    log.warning("watch lost", inbox=str(inbox.path))
                     self._unschedule(inbox)
             for inbox in list(self._watches):
                 if inbox not in self._inboxes:
@@ -726,7 +726,7 @@ class Watcher:
                 if inbox in self._watches:
                     continue
                 if not inbox.path.is_dir():
-                    log.error("watcher.inbox_missing", inbox=str(inbox.path), retry="at next scan")
+                    log.error("inbox missing", inbox=str(inbox.path), retry="at next scan")
                     continue
                 handler = _InboxHandler(self, inbox, has_close_events=not inbox.poll)
                 try:
@@ -734,17 +734,17 @@ class Watcher:
                         handler, os.fspath(inbox.path), recursive=inbox.recursive, event_filter=_EVENT_FILTER
                     )
                 except OSError as exc:
-                    log.error("watcher.watch_failed", inbox=str(inbox.path), error=str(exc), retry="at next scan")
+                    log.error("watch failed", inbox=str(inbox.path), error=str(exc), retry="at next scan")
                     continue
                 self._watches[inbox] = watch
-                log.debug("watcher.watching", inbox=str(inbox.path), recursive=inbox.recursive, poll=inbox.poll)
+                log.debug("watching", inbox=str(inbox.path), recursive=inbox.recursive, poll=inbox.poll)
 
     def _unschedule(self, inbox: Inbox) -> None:
         watch = self._watches.pop(inbox)
         try:
             self._observers[inbox.poll].unschedule(watch)
         except Exception as exc:  # already gone (folder deleted)
-            log.debug("watcher.unschedule_failed", inbox=str(inbox.path), error=str(exc))
+            log.debug("unschedule failed", inbox=str(inbox.path), error=str(exc))
 
     def _settle_loop(self) -> None:
         while not self._stop.is_set():
@@ -758,7 +758,7 @@ class Watcher:
             try:
                 ready = self.tracker.poll()
             except Exception:
-                log.exception("watcher.settle_failed")
+                log.exception("settle failed")
                 continue
             for path, st in ready:
                 if self._stop.is_set():
@@ -766,7 +766,7 @@ class Watcher:
                 try:
                     self._on_ready(path, st)
                 except Exception:
-                    log.exception("watcher.on_ready_failed", path=str(path), retry="at next scan")
+                    log.exception("on ready failed", path=str(path), retry="at next scan")
                 else:
                     self.tracker.mark_reported(path, st)
 
@@ -788,7 +788,7 @@ class Watcher:
             try:
                 self._scan_all()
             except Exception:
-                log.exception("watcher.scan_failed")
+                log.exception("scan failed")
             next_periodic = self._clock() + self.rescan_seconds
             with self._scan_cond:
                 self._scan_completed = max(self._scan_completed, ticket)
@@ -809,7 +809,7 @@ class Watcher:
                     nominated += 1
                     self._wake_settle.set()
         log.info(
-            "watcher.scan_done", files=seen, candidates=nominated,
+            "inbox scan done", files=seen, candidates=nominated,
             seconds=round(self._clock() - started, 3),
         )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -25,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from whisperd.logs import get_logger
+
+log = get_logger("whisperd.models")
 
 MARKER_NAME = ".whisperd-complete"
 """Written last into a finished output directory; a directory without it is treated as incomplete."""
@@ -688,7 +689,8 @@ def import_ct2_model(
             "model_bin_size": ct2.size,
             "dtype": dtype,
         })
-    log.info("converted CTranslate2 model %s -> %s in %.1f s", ct2_dir, out_dir, time.monotonic() - started)
+    log.info("CTranslate2 model converted", ct2_dir=str(ct2_dir), model_dir=str(out_dir),
+             seconds=round(time.monotonic() - started, 1))
     return out_dir
 
 

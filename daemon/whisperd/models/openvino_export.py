@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from whisperd.logs import get_logger
 from whisperd import paths
 from whisperd.models.ct2 import MARKER_NAME, _remove, staged_install
 from whisperd.models.fetch import cache_key, model_lock
 
-log = logging.getLogger(__name__)
+log = get_logger("whisperd.models")
 
 # Bump when the export command or layout changes, so older exports are rebuilt.
 EXPORT_VERSION = 1
@@ -129,7 +129,7 @@ def _export_env() -> dict[str, str]:
 def run_export(model_dir: Path, out_dir: Path, precision: str, timeout: float = EXPORT_TIMEOUT_S) -> None:
     """Run optimum-cli into out_dir (which should be a fresh staging dir); raise on any failure."""
     cmd = export_command(model_dir, out_dir, precision)
-    log.info("exporting %s to OpenVINO IR (%s): %s", model_dir, precision, " ".join(cmd))
+    log.info("exporting model to OpenVINO IR", model_dir=str(model_dir), precision=precision, command=" ".join(cmd))
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_export_env())
     except subprocess.TimeoutExpired as exc:
@@ -163,7 +163,7 @@ def ensure_openvino_model(model_dir: Path, precision: str) -> Path:
         if is_export_complete(out_dir):  # another process finished it while we waited
             return out_dir
         if out_dir.exists():
-            log.warning("OpenVINO export %s has no completion marker (interrupted?): rebuilding it", out_dir)
+            log.warning("OpenVINO export has no completion marker (interrupted?): rebuilding it", export_dir=str(out_dir))
         # Staging dirs of killed exports: only the lock holder writes one, so any left now is stale.
         for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
             _remove(stale)
@@ -181,7 +181,8 @@ def ensure_openvino_model(model_dir: Path, precision: str) -> Path:
                 "seconds": round(time.monotonic() - started, 1),
                 "versions": _versions(export_python()),
             }, indent=2) + "\n", encoding="utf-8")
-    log.info("exported %s to %s in %.1f s", model_dir, out_dir, time.monotonic() - started)
+    log.info("model exported to OpenVINO IR", model_dir=str(model_dir), export_dir=str(out_dir),
+             seconds=round(time.monotonic() - started, 1))
     return out_dir
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass
 
 from whisperd.errors import WhisperdError
@@ -37,13 +39,34 @@ class LoadPlan:
     use_ipex_llm: bool
 
 
+def _nvidia_driver_present() -> bool:
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl"))
+
+
+def _intel_gpu_present() -> bool:
+    for vendor in glob.glob("/sys/class/drm/card*/device/vendor"):
+        try:
+            if open(vendor, encoding="ascii").read().strip().lower() == "0x8086":
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def xpu_available() -> bool:
+    """An Intel GPU that PyTorch can use. Without an Intel GPU in /sys there is none, and torch
+    (a second to import) is not asked: `whisperd transcribe` on a CPU-only machine never loads it."""
+    if not _intel_gpu_present():
+        return False
     import torch
 
     return bool(getattr(torch, "xpu", None)) and torch.xpu.is_available()
 
 
 def cuda_available() -> bool:
+    """A CUDA GPU that PyTorch can use; torch is imported only when an NVIDIA driver is present."""
+    if not _nvidia_driver_present():
+        return False
     import torch
 
     return torch.cuda.is_available()

@@ -27,6 +27,7 @@ precision is OpenVINO's default for the device (bf16 on CPUs with native bf16, f
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from whisperd.devices import OpenVINOPlan
+from whisperd.engine.features import log_mel_spectrogram
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Segment, Word
 
@@ -66,10 +68,9 @@ class _LanguageDetector:
     def __init__(self, ir_dir: Path, device: str, properties: dict[str, Any], lang_to_id: dict[str, int],
                  start_token: int) -> None:
         import openvino as ov
-        from transformers import WhisperFeatureExtractor
 
         core = ov.Core()
-        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(str(ir_dir))
+        self.n_mels = int(json.loads((ir_dir / "preprocessor_config.json").read_text()).get("feature_size", 80))
         self.encoder = core.compile_model(str(ir_dir / "openvino_encoder_model.xml"), device, properties)
         self.decoder = core.compile_model(str(ir_dir / "openvino_decoder_model.xml"), device, properties)
         self.encoder_request = self.encoder.create_infer_request()
@@ -79,8 +80,7 @@ class _LanguageDetector:
         self.start = np.array([[start_token]], dtype=np.int64)
 
     def __call__(self, audio: np.ndarray) -> tuple[str, float]:
-        features = self.feature_extractor(audio[:WINDOW_SAMPLES], sampling_rate=SAMPLING_RATE,
-                                          return_tensors="np").input_features.astype(np.float32)
+        features = log_mel_spectrogram(audio, self.n_mels)
         hidden = self.encoder_request.infer({"input_features": features})[self.encoder.output(0)]
         self.decoder_request.reset_state()
         out = self.decoder_request.infer({

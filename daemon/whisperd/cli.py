@@ -40,8 +40,11 @@ def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ski
             if get_origin(info.annotation) in (Union, UnionType) else info.annotation
         default = "" if info.default in (None, False) else f" (default: {_shown_default(info.default)})"
         common: dict[str, Any] = {"dest": name, "default": None, "help": f"{info.description or name}{default}".replace("%", "%%")}
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if kind is bool:
             parser.add_argument(*flags, action="store_true", **common)
+        elif "choices" in extra:
+            parser.add_argument(*flags, choices=extra["choices"], **common)
         elif get_origin(kind) is Literal:
             parser.add_argument(*flags, choices=get_args(kind), **common)
         elif get_origin(kind) is tuple and get_origin(get_args(kind)[0]) is Literal:

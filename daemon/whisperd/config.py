@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from whisperd.devices import allowed_precisions
 from whisperd.errors import WhisperdError
-from whisperd.options import EngineSettings
+from whisperd.options import BACKENDS, DEVICES, EngineSettings
 from whisperd.rules import RuleSet, describe_validation_error
 
 
@@ -31,6 +32,35 @@ class InboxConfig(_Strict):
     rules: RuleSet = RuleSet()
 
 
+class EngineSection(EngineSettings):
+    """The config's `engine:` section: the engine settings, with the names that need no hardware to
+    check validated at load, so a typo is a config error naming the key (the device/precision
+    pairing that does need the hardware is checked by whisperd.devices before loading)."""
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"use one of {', '.join(BACKENDS)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str, info: ValidationInfo) -> str:
+        # OpenVINO also takes its own device names (GPU.1); they are checked when the engine starts.
+        if info.data.get("backend", "auto") != "openvino" and v not in DEVICES:
+            raise ValueError(f"use one of {', '.join(DEVICES)}")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str, info: ValidationInfo) -> str:
+        allowed = allowed_precisions(info.data.get("backend", "auto"))
+        if v not in allowed:
+            raise ValueError(f"use one of {', '.join(allowed)}")
+        return v
+
+
 class JobConfig(_Strict):
     max_attempts: int = Field(3, ge=1, description="tries before a job is marked failed")
     retry_backoff_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each attempt")
@@ -44,7 +74,7 @@ class JobConfig(_Strict):
 
 class DaemonConfig(_Strict):
     inboxes: list[InboxConfig] = Field(min_length=1)
-    engine: EngineSettings = EngineSettings()
+    engine: EngineSection = EngineSection()
     jobs: JobConfig = JobConfig()
     state_dir: Path = Path("/var/lib/whisperd")
     settle_seconds: float = Field(2.0, ge=0)

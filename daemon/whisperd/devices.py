@@ -188,6 +188,14 @@ def check_openvino_settings(device: str, precision: str, available: tuple[str, .
 # <<< openvino backend ---------------------------------------------------------------------------
 
 
+def allowed_precisions(backend: str) -> tuple[str, ...]:
+    """Precision names a backend takes (`auto` may resolve to either backend)."""
+    from whisperd.options import OPENVINO_PRECISIONS
+
+    return {"transformers": PRECISIONS, "openvino": OPENVINO_PRECISIONS}.get(
+        backend, PRECISIONS + tuple(p for p in OPENVINO_PRECISIONS if p not in PRECISIONS))
+
+
 def openvino_installed() -> bool:
     import importlib.util
 

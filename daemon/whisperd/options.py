@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from whisperd.languages import normalize_language
 
@@ -33,13 +33,15 @@ class EngineSettings(BaseModel):
     """How to load the model; changing any of these means loading it again.
 
     The one declaration of every engine setting: the config's `engine:` section is this model,
-    and the command line's engine flags are made from its fields (whisperd.cli_options).
+    and the command line's engine flags are made from its fields (whisperd.cli). Which device and
+    precision go together is checked in one place, whisperd.devices (at config load for the static
+    part, before loading for the hardware part).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["auto", "transformers", "openvino"] = Field(
-        "auto", description="auto (openvino on the CPU, transformers on CUDA and Intel GPUs), transformers or openvino")
+    backend: str = Field("auto", json_schema_extra={"choices": BACKENDS},
+                         description="auto (openvino on the CPU, transformers on CUDA and Intel GPUs), transformers or openvino")
     model: str = Field(DEFAULT_MODEL, description="hub id, a transformers folder, or a CTranslate2 (faster-whisper) folder")
     device: str = Field("auto", description=f"transformers: {', '.join(DEVICES)}; openvino: {', '.join(OPENVINO_DEVICES)} "
                                             "or an OpenVINO device name (GPU.1)")
@@ -48,26 +50,11 @@ class EngineSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: all cores)")
     cpu_embedding: bool = Field(False, description="keep the embedding on the CPU (Intel integrated GPUs)")
     batch_size: int = Field(8, ge=1, description="speech windows decoded together")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str, info: ValidationInfo) -> str:
-        # OpenVINO also takes its own device names (GPU.1); they are checked when the engine starts.
-        if info.data.get("backend", "auto") != "openvino" and v not in DEVICES:
-            raise ValueError(f"use one of {', '.join(DEVICES)}")
-        return v
-
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, v: str, info: ValidationInfo) -> str:
-        allowed = {"transformers": PRECISIONS, "openvino": OPENVINO_PRECISIONS}.get(
-            info.data.get("backend", "auto"), PRECISIONS + tuple(p for p in OPENVINO_PRECISIONS if p not in PRECISIONS))
-        if v not in allowed:
-            raise ValueError(f"use one of {', '.join(allowed)}")
-        return v
+    streams: int | None = Field(None, ge=1, description="openvino on the CPU: windows decoded side by side by separate "
+                                                        "pipelines, threads shared out among them (default: one per core, at most 4)")
 
     def with_overrides(self, **changes: object) -> EngineSettings:
-        """Copy with the given fields replaced (and validated); None values are ignored (unset CLI flags)."""
+        """Copy with the given fields replaced (and type-checked); None values are ignored (unset CLI flags)."""
         return type(self).model_validate({**self.model_dump(), **{k: v for k, v in changes.items() if v is not None}})
 
 

@@ -27,11 +27,15 @@ precision is OpenVINO's default for the device (bf16 on CPUs with native bf16, f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,38 @@ log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLING_RATE
+MAX_AUTO_STREAMS = 4  # each pipeline holds its own copy of the weights (~80 MB for base at int8)
+
+
+class _PipelinePool:
+    """Pipelines lent to one thread at a time: WhisperPipeline is not re-entrant ("Infer Request is busy")."""
+
+    def __init__(self, pipelines: list[Any]) -> None:
+        self.pipelines = pipelines
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for pipeline in pipelines:
+            self._free.put(pipeline)
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Any]:
+        pipeline = self._free.get()
+        try:
+            yield pipeline
+        finally:
+            self._free.put(pipeline)
+
+
+def cpu_streams(settings: EngineSettings) -> tuple[int, int | None]:
+    """(pipelines, threads each) on the CPU.
+
+    A pipeline decodes one window at a time, one token after another; at batch 1 a token step is
+    too small to keep several cores busy, so separate pipelines decoding separate windows side by
+    side use the cores better than one pipeline spread over them (README, "Accuracy and speed").
+    """
+    cores = settings.threads or os.cpu_count() or 1
+    streams = settings.streams or max(1, min(cores, MAX_AUTO_STREAMS))
+    streams = min(streams, cores)
+    return streams, max(1, cores // streams)
 
 
 def pipeline_properties(device: str, threads: int | None) -> dict[str, Any]:
@@ -112,13 +148,17 @@ class OpenVINOBackend:
         self.model_dir = resolve_model(settings.model)
         self.ir_dir = ensure_openvino_model(self.model_dir, plan.precision)
         self.prepare_seconds = time.perf_counter() - started
-        self.properties = pipeline_properties(plan.device, settings.threads)
+        on_cpu = plan.device.split(".")[0] == "CPU"
+        self.streams, stream_threads = cpu_streams(settings) if on_cpu else (1, settings.threads)
+        self.properties = pipeline_properties(plan.device, stream_threads)
         started = time.perf_counter()
-        self.pipeline = openvino_genai.WhisperPipeline(str(self.ir_dir), plan.device, **self.properties)
+        self._pool = _PipelinePool([self._new_pipeline() for _ in range(self.streams)])
+        self.pipeline = self._pool.pipelines[0]
         self.load_seconds = time.perf_counter() - started
         self.model = self.pipeline  # what WindowedEngine.model exposes for inspection
         self._lock = threading.Lock()
-        self._word_pipeline: Any = None
+        self._executor = ThreadPoolExecutor(self.streams, thread_name_prefix="openvino") if self.streams > 1 else None
+        self._word_pool: _PipelinePool | None = None
         self._detector: _LanguageDetector | None = None
         self._warned: set[str] = set()
         config = self.pipeline.get_generation_config()
@@ -136,6 +176,7 @@ class OpenVINOBackend:
             "openvino_model_dir": str(self.ir_dir),
             "device": self.device,
             "precision": self.plan.precision,
+            "streams": self.streams,
             "openvino_genai": getattr(self._genai, "__version__", None),
         }
 
@@ -155,14 +196,14 @@ class OpenVINOBackend:
     # -- decoding ------------------------------------------------------------------------
 
     def decode_windows(self, windows: Sequence[np.ndarray], language: str, options: DecodeOptions) -> list[list[Segment]]:
-        """One generate() per window (the pipeline takes one input at a time); times relative to each window."""
-        out: list[list[Segment]] = []
-        for window in windows:
-            if len(window) == 0:
-                out.append([])
-                continue
-            out.append(self._generate(window, language, options))
-        return out
+        """One generate() per window (a pipeline takes one input at a time), on `streams` pipelines side
+        by side; times relative to each window."""
+        def decode(window: np.ndarray) -> list[Segment]:
+            return self._generate(window, language, options) if len(window) else []
+
+        if self._executor is None or len(windows) < 2:
+            return [decode(window) for window in windows]
+        return list(self._executor.map(decode, windows))
 
     def decode_long_form(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
         """The whole file; the pipeline steps through it 30 s at a time with its own seek rules."""
@@ -173,22 +214,24 @@ class OpenVINOBackend:
     def _generate(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
         samples = np.ascontiguousarray(audio, dtype=np.float32)
         duration = len(samples) / SAMPLING_RATE
-        with self._lock:
-            pipeline = self._pipeline_for(options)
+        with self._pool_for(options).borrow() as pipeline:
             config = self._generation_config(pipeline, language, options)
             result = pipeline.generate(samples, config)
         return self._segments(result, duration, options.word_timestamps)
 
-    def _pipeline_for(self, options: DecodeOptions) -> Any:
+    def _new_pipeline(self, **options: Any) -> Any:
+        return self._genai.WhisperPipeline(str(self.ir_dir), self.device, **options, **self.properties)
+
+    def _pool_for(self, options: DecodeOptions) -> _PipelinePool:
         if not options.word_timestamps:
-            return self.pipeline
-        if self._word_pipeline is None:
-            started = time.perf_counter()
-            self._word_pipeline = self._genai.WhisperPipeline(str(self.ir_dir), self.device, word_timestamps=True,
-                                                              **self.properties)
-            log.info("openvino word-timestamp pipeline loaded",
-                     extra={"seconds": round(time.perf_counter() - started, 2)})
-        return self._word_pipeline
+            return self._pool
+        with self._lock:
+            if self._word_pool is None:
+                started = time.perf_counter()
+                self._word_pool = _PipelinePool([self._new_pipeline(word_timestamps=True) for _ in range(self.streams)])
+                log.info("openvino word-timestamp pipelines loaded",
+                         extra={"seconds": round(time.perf_counter() - started, 2)})
+        return self._word_pool
 
     def _generation_config(self, pipeline: Any, language: str, options: DecodeOptions) -> Any:
         config = pipeline.get_generation_config()  # a copy: changing it does not touch the pipeline's

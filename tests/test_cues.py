@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import pytest
@@ -369,3 +370,117 @@ def test_long_meeting_is_fast_enough() -> None:
     cues = build_cues(segments)
     assert time.perf_counter() - started < 30  # ~2 s here; a quadratic cut would take minutes
     assert len(cues) >= 720 * 2
+
+
+# ---------------------------------------------------------------- pauses and speakers
+
+
+def test_a_pause_of_a_second_between_words_ends_the_cue() -> None:
+    words, t = [], 0.0
+    for tok in "we agreed on that . then after lunch we".split():
+        if tok == ".":
+            words[-1] = Word(words[-1].start, words[-1].end, words[-1].text + ".")
+            t += 1.0  # a full second of silence inside one segment
+            continue
+        words.append(Word(t, t + 0.25, " " + tok))
+        t += 0.3
+    seg = Segment(0.0, t, "we agreed on that. then after lunch we", words=tuple(words))
+    cues = build_cues([seg])
+    assert [c.lines for c in cues] == [("we agreed on that.",), ("then after lunch we",)]
+    assert cues[1].start >= words[4].start
+
+
+def test_a_change_of_speaker_ends_the_cue_even_without_a_pause() -> None:
+    segments = [Segment(0.0, 1.0, "Ready?", speaker="Speaker 1"), Segment(1.0, 1.6, "Yes.", speaker="Speaker 2"),
+                Segment(1.7, 3.0, "Then let's go.", speaker="Speaker 2")]
+    cues = build_cues(segments)
+    assert [(c.lines, c.speaker) for c in cues] == [(("Ready?",), "Speaker 1"),
+                                                    (("Yes. Then let's go.",), "Speaker 2")]
+    # word speakers win over the segment's: one segment, two people
+    words = (Word(0.0, 0.4, " Ready?", speaker="Speaker 1"), Word(0.5, 0.9, " Yes.", speaker="Speaker 2"))
+    mixed = build_cues([Segment(0.0, 1.0, "Ready? Yes.", words=words, speaker="Speaker 1")])
+    assert [(c.lines, c.speaker) for c in mixed] == [(("Ready?",), "Speaker 1"), (("Yes.",), "Speaker 2")]
+    assert all(c.speaker is None for c in build_cues([Segment(0.0, 1.0, "Ready?")]))
+
+
+def test_speaker_labels_start_each_new_speakers_first_cue_and_count_as_text() -> None:
+    long = " ".join(SIXTY[:24])
+    segments = [Segment(0.0, 6.0, long, speaker="Speaker 1"), Segment(6.2, 7.0, "Right.", speaker="Speaker 2"),
+                Segment(9.0, 10.0, "And one more thing.", speaker="Speaker 2"),
+                Segment(10.2, 11.0, "Sure.", speaker="Speaker 1")]
+    cues = build_cues(segments, speaker_labels=True)
+    texts = [" ".join(c.lines) for c in cues]
+    assert texts[0].startswith("Speaker 1: so what we want")
+    assert not any(t.startswith("Speaker") for t in texts[1:-3])  # Speaker 1 goes on: no label
+    assert texts[-3:] == ["Speaker 2: Right.", "And one more thing.", "Speaker 1: Sure."]  # same speaker after a pause
+    assert all(len(line) <= MAX_CHARS for c in cues for line in c.lines)
+    assert not any(line.endswith(":") for c in cues for line in c.lines)  # a label is never alone
+    assert [c.speaker for c in cues][-3:] == ["Speaker 2", "Speaker 2", "Speaker 1"]
+    # without speakers, labels change nothing
+    plain = [Segment(s.start, s.end, s.text) for s in segments]
+    assert build_cues(plain, speaker_labels=True) == build_cues(plain)
+
+
+SPEAKERS = st.sampled_from(["Speaker 1", "Speaker 2", "Speaker 3"])
+
+
+@st.composite
+def spoken_transcripts(draw: st.DrawFn) -> list[Spec]:
+    """Transcripts whose segments, and some of whose words, carry speakers."""
+    specs = draw(transcripts())
+    out = []
+    for spec in specs:
+        seg = spec.segment
+        words = tuple(Word(w.start, w.end, w.text, w.probability, draw(st.one_of(st.none(), SPEAKERS)))
+                      for w in seg.words)
+        out.append(Spec(Segment(seg.start, seg.end, seg.text, words=words, speaker=draw(SPEAKERS)), spec.word_chars))
+    return out
+
+
+def _char_sources(specs: list[Spec]) -> list[tuple[str, float, float]]:
+    """(speaker, start, end) of the word (or segment) each non-space character belongs to.
+
+    A combining mark (Thai vowel and tone marks) stays with the character before it, whatever word
+    the timestamps put it in: a character is never shown apart from its marks.
+    """
+    out = []
+    for spec in specs:
+        seg = spec.segment
+        if spec.word_chars:
+            for word, count in zip(seg.words, spec.word_chars, strict=True):
+                out += [(word.speaker or seg.speaker, word.start, word.end)] * count
+        else:
+            out += [(seg.speaker, seg.start, seg.end)] * len(_nonspace(seg.text))
+    chars = "".join(_nonspace(s.segment.text) for s in specs)
+    for i in range(1, len(out)):
+        if unicodedata.category(chars[i]).startswith("M"):
+            out[i] = (out[i - 1][0], out[i - 1][1], max(out[i - 1][2], out[i][2]))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spoken_transcripts(), st.booleans())
+def test_cues_never_mix_speakers_nor_span_a_long_pause(specs: list[Spec], labels: bool) -> None:
+    cues = build_cues([s.segment for s in specs], speaker_labels=labels)
+    sources = _char_sources(specs)
+    pos, previous = 0, None
+    for cue in cues:
+        lines = list(cue.lines)
+        label = f"{cue.speaker}:"
+        if labels and cue.speaker != previous:
+            assert lines[0].startswith(label + " ") or lines[0] == label and len(lines) == 2, cue
+            lines[0] = lines[0][len(label):].strip()
+        previous = cue.speaker
+        chars = len(_nonspace("".join(lines)))
+        mine = sources[pos:pos + chars]
+        assert {speaker for speaker, _, _ in mine} == {cue.speaker}, cue
+        latest = mine[0][2]
+        for (_, start, end), (_, prev_start, _) in zip(mine[1:], mine):
+            if start != prev_start:  # the next word or segment
+                assert start - latest < MERGE_GAP + 1e-9, cue
+            latest = max(latest, end)
+        assert cue.start >= mine[0][1] - 1e-9, cue
+        pos += chars
+    assert pos == len(sources)
+    if not labels:
+        check_invariants(specs, cues)

@@ -142,7 +142,7 @@ def test_json_round_trips_with_language_settings_and_rounded_times() -> None:
 
 
 def test_api_is_unchanged_and_writes_every_format(tmp_path: Path) -> None:
-    assert list(FORMATS) == ["txt", "srt", "vtt", "json"]
+    assert list(FORMATS) == ["txt", "srt", "vtt", "json", "rttm"]
     audio = tmp_path / "standup.m4a"
     assert output_paths(audio, ["srt"]) == {"srt": tmp_path / "standup.srt"}
     paths = write_outputs(audio, meeting(), FORMATS)
@@ -185,3 +185,79 @@ def test_any_transcript_gives_parseable_srt_and_vtt(parts: list[tuple[float, flo
     assert len(captions) == len(subs)
     if t > 0:  # never past the end of the recording (0: length unknown)
         assert all(s.end <= timedelta(seconds=t) + timedelta(milliseconds=2) for s in subs)
+
+
+# ---------------------------------------------------------------- with speakers
+
+TALK = (
+    Segment(0.0, 2.0, " Shall we start?", speaker="Speaker 1",
+            words=(Word(0.1, 0.6, " Shall", 0.9, "Speaker 1"), Word(0.6, 0.9, " we", 0.9, "Speaker 1"),
+                   Word(0.9, 1.6, " start?", 0.9, "Speaker 1"))),
+    Segment(2.3, 3.1, " Yes, please.", speaker="Speaker 2"),
+    Segment(3.3, 6.0, " I'll share the <Q3> numbers & costs.", speaker="Speaker 2"),
+    Segment(9.0, 10.0, " Thanks.", speaker="Speaker 2"),
+    Segment(10.2, 12.0, " Looks good to me.", speaker="Speaker 1"),
+)
+
+
+def talk() -> Transcript:
+    return Transcript(language="en", segments=TALK, duration=12.5)
+
+
+def test_txt_names_the_speaker_of_every_paragraph() -> None:
+    assert render_txt(talk()) == ("Speaker 1: Shall we start?\n\n"
+                                  "Speaker 2: Yes, please. I'll share the <Q3> numbers & costs.\n\n"
+                                  "Speaker 2: Thanks.\n\n"  # same speaker, after a 3 s pause
+                                  "Speaker 1: Looks good to me.\n")
+
+
+def test_srt_names_the_speaker_where_the_speaker_changes() -> None:
+    subs = list(srt.parse(render_srt(talk())))
+    contents = [s.content.replace("\n", " ") for s in subs]
+    assert contents == ["Speaker 1: Shall we start?",
+                        "Speaker 2: Yes, please.",
+                        "I'll share the <Q3> numbers & costs.",  # Speaker 2 goes on: no label
+                        "Thanks.",
+                        "Speaker 1: Looks good to me."]
+    assert subs[0].start == timedelta(milliseconds=100)  # the first word, not the segment start
+    assert all(len(line) <= 42 for s in subs for line in s.content.split("\n"))
+    assert all(a.end <= b.start for a, b in zip(subs, subs[1:]))
+
+
+def test_vtt_puts_each_cue_in_a_voice_span() -> None:
+    text = render_vtt(talk())
+    assert "<v Speaker 1>Shall we start?</v>" in text
+    assert "&lt;Q3&gt; numbers &amp; costs.</v>" in text
+    captions = list(webvtt.from_string(text))
+    assert [c.voice for c in captions] == ["Speaker 1", "Speaker 2", "Speaker 2", "Speaker 2", "Speaker 1"]
+    assert html.unescape(captions[2].text) == "I'll share the <Q3> numbers & costs."
+    assert "<v " not in render_vtt(meeting())
+
+
+def test_json_has_speakers_on_segments_and_words_only_when_known() -> None:
+    data = json.loads(render_json(talk()))
+    first = data["segments"][0]
+    assert list(first) == ["start", "end", "speaker", "text", "words"] and first["speaker"] == "Speaker 1"
+    assert first["words"][0] == {"start": 0.1, "end": 0.6, "text": " Shall", "probability": 0.9, "speaker": "Speaker 1"}
+    assert [s["speaker"] for s in data["segments"]] == ["Speaker 1", "Speaker 2", "Speaker 2", "Speaker 2", "Speaker 1"]
+    assert "speaker" not in json.dumps(json.loads(render_json(meeting())))
+
+
+def test_rttm_has_a_line_per_speaker_turn(tmp_path: Path) -> None:
+    from whisperd.outputs.writers import render_rttm
+
+    lines = render_rttm(talk(), file_id="team meeting").splitlines()
+    assert lines == [
+        "SPEAKER team_meeting 1 0.100 1.500 <NA> <NA> Speaker_1 <NA> <NA>",   # from its words
+        "SPEAKER team_meeting 1 2.300 3.700 <NA> <NA> Speaker_2 <NA> <NA>",   # 0.2 s apart: one turn
+        "SPEAKER team_meeting 1 9.000 1.000 <NA> <NA> Speaker_2 <NA> <NA>",
+        "SPEAKER team_meeting 1 10.200 1.800 <NA> <NA> Speaker_1 <NA> <NA>",
+    ]
+    for line in lines:  # ten fields, as NIST's md-eval and pyannote read them
+        fields = line.split()
+        assert len(fields) == 10 and float(fields[3]) >= 0 and float(fields[4]) > 0
+    # without speakers there is no one to name: an empty file, not an invented single speaker
+    assert render(meeting(), "rttm") == ""
+    paths = write_outputs(tmp_path / "weekly sync.m4a", talk(), ["rttm", "txt"])
+    assert paths["rttm"].read_text(encoding="utf-8").startswith("SPEAKER weekly_sync 1 0.100 ")
+    assert render(talk(), "rttm").startswith("SPEAKER audio 1 ")

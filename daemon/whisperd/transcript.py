@@ -8,17 +8,24 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Word:
-    """One word with its time span in seconds from the start of the file."""
+    """One word with its time span in seconds from the start of the file.
+
+    `speaker` is set when speaker labelling ran ("Speaker 1", ...; see whisperd.speakers).
+    """
 
     start: float
     end: float
     text: str
     probability: float | None = None
+    speaker: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """A stretch of speech with its text; times are seconds from the start of the file."""
+    """A stretch of speech with its text; times are seconds from the start of the file.
+
+    `speaker` is set when speaker labelling ran; its words then carry one each, too.
+    """
 
     start: float
     end: float
@@ -27,6 +34,7 @@ class Segment:
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
     compression_ratio: float | None = None
+    speaker: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

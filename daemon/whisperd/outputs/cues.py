@@ -15,8 +15,11 @@ conventions, and these rules hold for every input:
 * no cue is empty, and all the text appears, in order, once: no word is lost, duplicated or cut
   in two (text in scripts written without spaces - Chinese, Japanese, Thai... - may be broken
   between any two characters);
-* text from two segments shares a cue only when less than `merge_gap` (1 s) of silence lies
-  between them.
+* a cue never spans a pause of `merge_gap` (1 s) or more, between two words (known from word
+  timestamps) or two segments;
+* when segments (or words) carry speakers, a cue never holds two speakers' words; with
+  `speaker_labels`, the first cue after a change of speaker starts with the speaker's name
+  ("Speaker 2: ..."), which counts towards the line length and is never left alone on a line.
 
 The one exception to the line limit: a single word longer than `max_line_chars` (a URL, a long
 file name) is never cut; it gets a line of its own and that line may be longer.
@@ -73,6 +76,7 @@ COST_CLAUSE = 2.0
 COST_WORD = 5.0
 COST_INSIDE_WORD = 2.0       # extra, for a cut between two characters of one (CJK) word
 COST_FORBIDDEN = 100.0       # before a closing mark / after an opening one: only if nothing else fits
+COST_LABEL_ALONE = 1000.0    # a speaker's name with none of their words after it
 COST_DANGLING = 2.5         # after "the", "of", "to"... or before "us", "them"...
 COST_MIDLINE_SENTENCE = 1.0  # a sentence ending inside a line, not at its end
 BONUS_LEADING = 0.5
@@ -93,6 +97,7 @@ class Cue:
     start: float
     end: float
     lines: tuple[str, ...]
+    speaker: str | None = None
 
     @property
     def text(self) -> str:
@@ -109,6 +114,8 @@ class _Atom:
     end: float
     seg: int             # index of its segment
     word: int            # atoms of one word share this id (to prefer cuts between words)
+    speaker: str | None = None
+    label: bool = False  # the speaker's name put before a new speaker's text, not spoken text
 
 
 def is_nospace_char(ch: str) -> bool:
@@ -186,7 +193,7 @@ def _pieces_to_atoms(pieces: list[tuple[str, bool, float, float]], seg: int, wor
     return atoms
 
 
-def _align_words(text: str, words: Sequence) -> list[tuple[str, bool, float, float]] | None:
+def align_words(text: str, words: Sequence) -> list[tuple[str, bool, float, float]] | None:
     """Find each word in the segment text; None when the words don't spell the text.
 
     Returns the text's own spelling of each word and whether whitespace precedes it there, so the
@@ -219,9 +226,13 @@ def _segment_atoms(seg: Segment, index: int, word_base: int) -> list[_Atom]:
     text = seg.text.strip()
     if not text:
         return []
-    pieces = _align_words(text, seg.words) if seg.words else None
+    pieces = align_words(text, seg.words) if seg.words else None
     if pieces:
-        return _pieces_to_atoms(pieces, index, word_base)
+        atoms = _pieces_to_atoms(pieces, index, word_base)
+        speakers = [w.speaker or seg.speaker for w in seg.words if "".join(w.text.split())]
+        for atom in atoms:
+            atom.speaker = speakers[atom.word - word_base]
+        return atoms
     # No (usable) word times: cut the text at spaces and share the segment's time by characters.
     atoms = _pieces_to_atoms([(tok, True, 0.0, 0.0) for tok in text.split()], index, word_base)
     # A space counts as a character of the word after it, so the atoms leave no gaps: no false pauses.
@@ -233,6 +244,7 @@ def _segment_atoms(seg: Segment, index: int, word_base: int) -> list[_Atom]:
         atom.start = start + (end - start) * done / total
         done += weight
         atom.end = start + (end - start) * done / total
+        atom.speaker = seg.speaker
     return atoms
 
 
@@ -270,6 +282,8 @@ def _core(text: str) -> str:
 
 def _break_cost(prev: _Atom, nxt: _Atom) -> float:
     """How good a place the boundary between `prev` and `nxt` is for a new line or cue."""
+    if prev.label:
+        return COST_LABEL_ALONE
     if nxt.text[0] in NO_LINE_START or prev.text[-1] in OPENERS:
         return COST_FORBIDDEN
     core = _core(prev.text)
@@ -354,7 +368,8 @@ class _Chunk:
             end = self.atoms[j - 1].end
             for i in range(j - 1, -1, -1):
                 end = max(end, self.atoms[i].end)
-                if j - i > 1 and end - self.atoms[i].start > self.max_duration:
+                spoken_atoms = j - i - (1 if self.atoms[i].label else 0)  # a label is not speech
+                if spoken_atoms > 1 and end - self.atoms[i].start > self.max_duration:
                     break
                 lay = self.layout(i, j)
                 if lay is None:
@@ -412,6 +427,7 @@ def build_cues(
     reading_cps: float = 17.0,
     duration: float | None = None,
     wide_char_width: int = 2,
+    speaker_labels: bool = False,
 ) -> list[Cue]:
     """Subtitle cues for `segments` (see the module docstring for the rules they follow).
 
@@ -422,7 +438,9 @@ def build_cues(
     min_duration, reading_cps: a cue is lengthened into following silence until it has been on
         screen this long and long enough to read its characters at this speed.
     gap: the least time between a cue's end and the next cue's start (where the cue can spare it).
-    merge_gap: silence (s) between segments beyond which their text never shares a cue.
+    merge_gap: a pause (s) between words or segments at or beyond which their text never shares a cue.
+    speaker_labels: start the first cue after each change of speaker with "<speaker>: " (for formats
+        without voice markup, such as SRT).  Cues never mix speakers either way; `Cue.speaker` says whose.
     duration: the recording's length, if known: no cue is lengthened past it.
     """
     if max_line_chars < 1:
@@ -437,26 +455,41 @@ def build_cues(
     if not atoms:
         return []
 
-    # Hard breaks: silence longer than merge_gap between two segments.
+    # Hard breaks: a pause of merge_gap or more, and a change of speaker.
     chunks: list[list[_Atom]] = [[atoms[0]]]
     last_end = atoms[0].end
     for prev, atom in zip(atoms, atoms[1:]):
-        if atom.seg != prev.seg and atom.start - last_end > merge_gap:
+        if atom.start - last_end >= merge_gap or atom.speaker != prev.speaker:
             chunks.append([])
         chunks[-1].append(atom)
         last_end = max(last_end, atom.end)
+    if speaker_labels:
+        _label_speaker_changes(chunks)
 
-    raw: list[tuple[int, int, tuple[str, ...], int]] = []  # (speech start ms, speech end ms, lines, width)
+    raw: list[tuple[int, int, tuple[str, ...], int, str | None]] = []  # speech start/end ms, lines, width, speaker
     for chunk_atoms in chunks:
         chunk = _Chunk(chunk_atoms, max_line_chars, max_lines, max_duration, min_duration, wide_char_width)
         for i, j, k in chunk.solve():
             lines = (chunk.line_text(i, j),) if k is None else (chunk.line_text(i, k), chunk.line_text(k, j))
             start = _ms_ceil(chunk_atoms[i].start)
             end = _ms_floor(max(a.end for a in chunk_atoms[i:j]))
-            raw.append((start, end, lines, sum(text_width(line, wide_char_width) for line in lines)))
+            width = sum(text_width(line, wide_char_width) for line in lines)
+            raw.append((start, end, lines, width, chunk_atoms[i].speaker))
 
     limit_ms = _ms_floor(duration) if duration is not None and duration > 0 else None
     return _time_cues(raw, max_duration, min_duration, gap, reading_cps, limit_ms)
+
+
+def _label_speaker_changes(chunks: list[list[_Atom]]) -> None:
+    """Put "<speaker>:" before the first words of every chunk whose speaker differs from the last one's."""
+    previous: str | None = None
+    for chunk in chunks:
+        first = chunk[0]
+        if first.speaker is not None and first.speaker != previous:
+            first.space = True
+            chunk.insert(0, _Atom(f"{first.speaker}:", False, first.start, first.start, first.seg, -1,
+                                  first.speaker, label=True))
+        previous = first.speaker
 
 
 def _ms(seconds: float) -> int:
@@ -473,12 +506,12 @@ def _ms_floor(seconds: float) -> int:
     return math.floor(seconds * 1000 + 1e-6)
 
 
-def _time_cues(raw: list[tuple[int, int, tuple[str, ...], int]], max_duration: float, min_duration: float,
+def _time_cues(raw: list[tuple[int, int, tuple[str, ...], int, str | None]], max_duration: float, min_duration: float,
                gap: float, reading_cps: float, limit_ms: int | None) -> list[Cue]:
     max_ms, min_ms, gap_ms = int(max_duration * 1000), _ms(min_duration), _ms(gap)
     cues: list[Cue] = []
     prev_end = 0
-    for n, (speech_start, speech_end, lines, width) in enumerate(raw):
+    for n, (speech_start, speech_end, lines, width, speaker) in enumerate(raw):
         start = max(speech_start, prev_end)
         wanted = max(speech_end, start + min_ms, start + (_ms(width / reading_cps) if reading_cps > 0 else 0))
         end = min(wanted, start + max_ms)
@@ -491,6 +524,6 @@ def _time_cues(raw: list[tuple[int, int, tuple[str, ...], int]], max_duration: f
         # Degenerate times (all words at one instant, speech at the very end): still visible a moment.
         floor = FLOOR_MS if limit_ms is None or start + FLOOR_MS <= limit_ms else 1
         end = max(end, start + floor)
-        cues.append(Cue(start=start / 1000, end=end / 1000, lines=lines))
+        cues.append(Cue(start=start / 1000, end=end / 1000, lines=lines, speaker=speaker))
         prev_end = end
     return cues

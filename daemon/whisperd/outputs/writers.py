@@ -1,4 +1,13 @@
-"""Render a Transcript as txt, srt, vtt or json and write the files next to the audio."""
+"""Render a Transcript as txt, srt, vtt, json or rttm and write the files next to the audio.
+
+When speaker labelling ran (segments carry `speaker`), every format says who speaks: .txt starts
+each paragraph with the speaker's name, SRT names the speaker at the first cue after each change,
+WebVTT wraps each cue in a voice span (<v Speaker 1>), .json has `speaker` on segments and words,
+and .rttm (the diarization exchange format) lists the speaker turns.  Without speakers the
+txt, srt, vtt and json outputs are exactly what they were before speakers existed, and .rttm is
+empty: there is no "who spoke when" to report, and inventing a single speaker would look like a
+diarization result that was never made.
+"""
 
 from __future__ import annotations
 
@@ -17,21 +26,32 @@ from whisperd.outputs.cues import build_cues, join_text
 from whisperd.transcript import Segment, Transcript
 
 PARAGRAPH_PAUSE = 2.0  # seconds of silence between segments that start a new paragraph in .txt
+RTTM_TURN_GAP = 0.5  # seconds: one speaker's words closer than this are one RTTM turn
 
 
 def render_txt(transcript: Transcript, *, paragraph_pause: float = PARAGRAPH_PAUSE) -> str:
-    """Running text: segments joined into paragraphs, a blank line wherever the speaker paused long."""
+    """Running text: segments joined into paragraphs, a blank line wherever the speaker paused long.
+
+    With speakers, a paragraph also starts at every change of speaker, and each one starts with
+    the speaker's name ("Speaker 1: ...").
+    """
     paragraphs: list[str] = []
     current = ""
+    speaker: str | None = None
     last_end: float | None = None
     for seg in transcript.segments:
         text = " ".join(seg.text.split())
         if not text:
             continue
-        if current and last_end is not None and seg.start - last_end >= paragraph_pause:
+        paused = last_end is not None and seg.start - last_end >= paragraph_pause
+        if current and (paused or seg.speaker != speaker):
             paragraphs.append(current)
             current = ""
-        current = join_text(current, text)
+        if current:
+            current = join_text(current, text)
+        else:
+            current = text if seg.speaker is None else f"{seg.speaker}: {text}"
+        speaker = seg.speaker
         last_end = seg.end if last_end is None else max(last_end, seg.end)
     if current:
         paragraphs.append(current)
@@ -43,10 +63,12 @@ def _millis(seconds: float) -> int:
 
 
 def render_srt(transcript: Transcript) -> str:
+    """SubRip; with speakers, the first cue after each change of speaker starts "Speaker 2: ..."."""
+    cues = build_cues(transcript.segments, duration=transcript.duration, speaker_labels=True)
     subtitles = [
         srt.Subtitle(index=i, start=timedelta(milliseconds=_millis(c.start)),
                      end=timedelta(milliseconds=_millis(c.end)), content="\n".join(c.lines))
-        for i, c in enumerate(build_cues(transcript.segments, duration=transcript.duration), start=1)
+        for i, c in enumerate(cues, start=1)
     ]
     return srt.compose(subtitles, reindex=False)
 
@@ -65,9 +87,12 @@ def _vtt_escape(text: str) -> str:
 
 
 def render_vtt(transcript: Transcript) -> str:
+    """WebVTT; with speakers, each cue is one voice span: <v Speaker 1>text</v>."""
     blocks = ["WEBVTT\n"]
     for cue in build_cues(transcript.segments, duration=transcript.duration):
         text = "\n".join(_vtt_escape(line) for line in cue.lines)
+        if cue.speaker is not None:
+            text = f"<v {_vtt_escape(cue.speaker)}>{text}</v>"
         blocks.append(f"{_vtt_time(cue.start)} --> {_vtt_time(cue.end)}\n{text}\n")
     return "\n".join(blocks)
 
@@ -77,11 +102,15 @@ def _seconds(value: float) -> float:
 
 
 def _segment_dict(seg: Segment) -> dict[str, Any]:
-    out: dict[str, Any] = {"start": _seconds(seg.start), "end": _seconds(seg.end), "text": seg.text.strip()}
+    out: dict[str, Any] = {"start": _seconds(seg.start), "end": _seconds(seg.end)}
+    if seg.speaker is not None:
+        out["speaker"] = seg.speaker
+    out["text"] = seg.text.strip()
     if seg.words:
         out["words"] = [
             {"start": _seconds(w.start), "end": _seconds(w.end), "text": w.text,
-             **({"probability": round(w.probability, 4)} if w.probability is not None else {})}
+             **({"probability": round(w.probability, 4)} if w.probability is not None else {}),
+             **({"speaker": w.speaker} if w.speaker is not None else {})}
             for w in seg.words
         ]
     for key in ("avg_logprob", "no_speech_prob", "compression_ratio"):
@@ -118,17 +147,62 @@ def render_json(transcript: Transcript) -> str:
     return json.dumps(transcript_dict(transcript), ensure_ascii=False, indent=2, default=str) + "\n"
 
 
+def speaker_turns(segments: Iterable[Segment], *, gap: float = RTTM_TURN_GAP) -> list[tuple[float, float, str]]:
+    """(start, end, speaker) turns from the labelled words (or segments, where a segment has no
+    words): consecutive speech of one speaker less than `gap` seconds apart is one turn."""
+    spoken: list[tuple[float, float, str]] = []
+    for seg in segments:
+        if not seg.text.strip():
+            continue
+        items = [w for w in seg.words if w.text.strip()] or [seg]
+        for item in items:
+            speaker = item.speaker or seg.speaker
+            if speaker is not None:
+                spoken.append((float(item.start), max(float(item.end), float(item.start)), speaker))
+    turns: list[tuple[float, float, str]] = []
+    for start, end, speaker in sorted(spoken, key=lambda t: (t[0], t[1])):
+        if turns and turns[-1][2] == speaker and start - turns[-1][1] < gap:
+            turns[-1] = (turns[-1][0], max(turns[-1][1], end), speaker)
+        else:
+            turns.append((start, end, speaker))
+    return turns
+
+
+def _rttm_field(text: str, empty: str) -> str:
+    """RTTM fields are separated by spaces: "Speaker 1" is written Speaker_1."""
+    return "_".join(text.split()) or empty
+
+
+def render_rttm(transcript: Transcript, file_id: str = "audio") -> str:
+    """NIST RTTM: one SPEAKER line per speaker turn, times in seconds with 3 decimals.
+
+    Without speakers the file is empty (see the module docstring).
+    """
+    name = _rttm_field(file_id, "audio")
+    lines = []
+    for start, end, speaker in speaker_turns(transcript.segments):
+        duration = round(end, 3) - round(start, 3)
+        if duration > 0:
+            lines.append(f"SPEAKER {name} 1 {start:.3f} {duration:.3f} <NA> <NA> "
+                         f"{_rttm_field(speaker, 'unknown')} <NA> <NA>\n")
+    return "".join(lines)
+
+
 FORMATS: dict[str, Callable[[Transcript], str]] = {
     "txt": render_txt,
     "srt": render_srt,
     "vtt": render_vtt,
     "json": render_json,
+    "rttm": render_rttm,
 }
 
 
-def render(transcript: Transcript, fmt: str) -> str:
+def render(transcript: Transcript, fmt: str, *, name: str | None = None) -> str:
+    """`transcript` in format `fmt`; `name` (the recording's file name without suffix) is the RTTM file id."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "rttm" and name is not None:
+        return render_rttm(transcript, file_id=name)
     return FORMATS[fmt](transcript)
 
 
@@ -140,7 +214,7 @@ def write_outputs(audio_path: Path, transcript: Transcript, formats: Iterable[st
     output and no temp file behind; see whisperd.atomic for why the set is renamed together.
     """
     paths = output_paths(audio_path, formats)
-    rendered = {fmt: render(transcript, fmt) for fmt in paths}
+    rendered = {fmt: render(transcript, fmt, name=audio_path.stem) for fmt in paths}
     staged = []
     try:
         for fmt, path in paths.items():

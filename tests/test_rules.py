@@ -71,7 +71,7 @@ def test_nearest_rule_file_wins_and_keys_merge(inbox: Path) -> None:
     leaf = write_rules(inbox / "team" / "spanish", "language: spanish\n")
     effective = resolve(inbox, "team/spanish/weekly/talk.wav", RuleSet(outputs=("json",)))
     assert effective.rules == RuleSet(language="es", task="transcribe", outputs=("txt",), initial_prompt="Glossary",
-                                      word_timestamps=False)
+                                      word_timestamps=False, speakers="off")
     assert effective.sources == (top, mid, leaf)
     # A sibling folder sees only what is above it.
     sibling = resolve(inbox, "other/talk.wav")
@@ -110,7 +110,7 @@ def test_broken_rule_file_is_fixed_by_editing_it(inbox: Path) -> None:
 @pytest.mark.parametrize(("text", "key", "allowed"), [
     ("task: transcrbe\n", "task", "'transcribe' or 'translate' (got 'transcrbe')"),
     ("language: klingon\n", "language", "unknown language 'klingon': use 'auto', a code such as 'en'"),
-    ("outputs: [txt, docx]\n", "outputs.1", "'txt', 'srt', 'vtt' or 'json' (got 'docx')"),
+    ("outputs: [txt, docx]\n", "outputs.1", "'txt', 'srt', 'vtt', 'json' or 'rttm' (got 'docx')"),
     ("langauge: en\n", "langauge", "unknown key; allowed keys are language, task, outputs, initial_prompt"),
 ])
 def test_errors_name_the_file_the_key_and_what_is_allowed(inbox: Path, text: str, key: str, allowed: str) -> None:
@@ -124,7 +124,7 @@ def test_errors_name_the_file_the_key_and_what_is_allowed(inbox: Path, text: str
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("task: [unclosed\n", "not valid YAML"),
-    ("- just\n- a list\n", "expected a mapping of keys (language, task, outputs, initial_prompt, word_timestamps), got list"),
+    ("- just\n- a list\n", "expected a mapping of keys (language, task, outputs, initial_prompt, word_timestamps, speakers), got list"),
 ])
 def test_unreadable_rule_files_name_the_file(inbox: Path, text: str, expected: str) -> None:
     rule_file = write_rules(inbox, text)

@@ -17,7 +17,7 @@ TASKS: tuple[str, ...] = ("transcribe", "translate")
 PRECISIONS: tuple[str, ...] = (
     "auto", "fp32", "bf16", "fp16", "sym_int4", "asym_int4", "sym_int8", "woq_int4", "nf4", "fp4", "fp6", "fp8",
 )
-OUTPUT_FORMATS: tuple[str, ...] = ("txt", "srt", "vtt", "json")
+OUTPUT_FORMATS: tuple[str, ...] = ("txt", "srt", "vtt", "json", "rttm")
 # auto: OpenVINO on the CPU when it is installed, transformers elsewhere (devices.resolve_backend).
 BACKENDS: tuple[str, ...] = ("auto", "transformers", "openvino")
 # backend: openvino takes these (xpu and gpu both mean the Intel GPU) or OpenVINO's own device names
@@ -72,6 +72,7 @@ class DecodeOptions:
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
     word_timestamps: bool = False
+    speakers: str = "off"  # off | auto | N: label who speaks (whisperd.speakers)
     vad: bool = True
     drop_repeated_segments: bool = True
     extra: dict[str, object] = field(default_factory=dict)

@@ -85,11 +85,22 @@ class Rules(BaseModel):
     # them. Off by default: about 20 % slower, and segment times already put cue onsets within
     # 0.5 s on the meeting benchmark.
     word_timestamps: bool = Field(False, description="time every word (cues start and end on words; ~20 % slower)")
+    speakers: str = Field("off", description="label who speaks: off, auto (find how many), or the number of speakers")
 
     @field_validator("language")
     @classmethod
     def _known_language(cls, value: str | None) -> str | None:
         return None if value is None else normalize_language(value)
+
+    @field_validator("speakers", mode="before")
+    @classmethod
+    def _speakers(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        text = str(value).strip().lower()
+        if text in ("off", "auto", "false", "true") or (text.isdigit() and 1 <= int(text) <= 64):
+            return {"false": "off", "true": "auto"}.get(text, text)
+        raise ValueError("use off, auto, or a number of speakers from 1 to 64")
 
     @field_validator("outputs", mode="before")
     @classmethod

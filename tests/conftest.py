@@ -1,4 +1,5 @@
-"""Shared fixtures: real Whisper models and real recorded speech, fetched once into ~/.cache/whisperd."""
+"""Shared fixtures: real Whisper models and real recorded speech, fetched once into ~/.cache/whisperd;
+a throwaway PostgreSQL server (pg_harness)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from whisperd.engine import Engine, create_engine
 from whisperd.evaluation import DevClip, fetch_clip
 from whisperd.options import EngineSettings
+
+from pg_harness import own_postgres_server, pg_url, postgres_server  # noqa: F401  (fixtures)
 
 BASE_MODEL = "openai/whisper-base"
 

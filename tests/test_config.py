@@ -103,6 +103,40 @@ def test_cli_overrides_replace_engine_keys_only_when_given(tmp_path: Path) -> No
         load_config(path, {"precision": "int3"})
 
 
+def test_job_store_defaults_to_sqlite_and_inbox_ids_to_their_path(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "c.yaml", {"inboxes": [{"path": "/srv/a"}, {"path": "/srv/b", "id": "b"}]}))
+    assert (config.job_store.backend, config.job_store.url, config.job_store.lease_seconds) == ("sqlite", None, 120)
+    assert [i.inbox_id for i in config.inboxes] == ["/srv/a", "b"]
+
+
+def test_postgresql_job_store(tmp_path: Path) -> None:
+    data = {"inboxes": [{"id": "meetings", "path": "/mnt/share/meetings", "poll": True}],
+            "job_store": {"backend": "postgresql", "url": "postgresql://whisperd@db.lan/whisperd", "lease_seconds": 60}}
+    config = load_config(write(tmp_path / "c.yaml", data))
+    assert config.job_store.url == "postgresql://whisperd@db.lan/whisperd" and config.job_store.lease_seconds == 60
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"inboxes": [{"path": "x"}], "job_store": {"backend": "postgresql", "url": "postgresql://db/w"}},
+     "key 'inboxes.0.id': required with job_store.backend: postgresql"),
+    ({"inboxes": [{"path": "x", "id": "a"}], "job_store": {"backend": "postgresql"}},
+     "key 'job_store.url': required with backend: postgresql"),
+    ({"inboxes": [{"path": "x", "id": "a"}], "job_store": {"backend": "postgresql", "url": "postgresql://db/w?nosuchoption=1"}},
+     "key 'job_store.url': not a libpq URL"),
+    ({"inboxes": [{"path": "x"}], "job_store": {"url": "postgresql://db/w"}},
+     "key 'job_store.url': only used with backend: postgresql"),
+    ({"inboxes": [{"path": "x", "id": "a"}, {"path": "y", "id": "a"}]}, "key 'inboxes.1.id': 'a' is also inbox 0's id"),
+    ({"inboxes": [{"path": "x", "id": "no spaces"}]}, "key 'inboxes.0.id': String should match pattern"),
+    ({"inboxes": [{"path": "x"}], "job_store": {"backend": "mysql"}}, "key 'job_store.backend'"),
+    ({"inboxes": [{"path": "x"}], "job_store": {"lease_seconds": 0}}, "key 'job_store.lease_seconds'"),
+])
+def test_job_store_validation(tmp_path: Path, data: dict, expected: str) -> None:
+    path = write(tmp_path / "c.yaml", data)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: ") and expected in str(caught.value)
+
+
 def test_job_timeout_scales_with_audio_length() -> None:
     jobs = JobConfig(timeout_base_seconds=60, timeout_per_audio_second=1.5)
     assert jobs.timeout_for(100.0) == 60 + 150

@@ -12,9 +12,9 @@ import pytest
 
 from whisperd.checks import rule_files
 from whisperd.config import InboxConfig
-from whisperd.jobstore import JobStore
+from whisperd.jobstore import SqliteJobStore
 from whisperd.notify import Notifier
-from whisperd.naming import TEMP_PREFIX, error_file_for, temp_tag
+from whisperd.naming import HOST_ID_ENV, TEMP_PREFIX, error_file_for, host_tag, temp_prefix_for, temp_tag
 from whisperd.runner import remove_stale_temp_outputs
 from whisperd.status import collect_status, format_status
 from whisperd.watcher import Inbox
@@ -114,6 +114,25 @@ def test_stale_temp_outputs_of_any_format_are_removed(tmp_path: Path) -> None:
     assert error_file_for(audio) == tmp_path / "talk.error.txt"
 
 
+def test_temp_names_carry_the_host_and_hosts_sweep_only_their_own_or_old_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    audio = tmp_path / "talk.wav"
+    tag = temp_tag(tmp_path / "talk.txt")
+    monkeypatch.setenv(HOST_ID_ENV, "host-a")
+    assert temp_prefix_for(tmp_path / "talk.txt") == f"{TEMP_PREFIX}{tag}.{host_tag('host-a')}.{os.getpid()}."
+    mine = tmp_path / f"{TEMP_PREFIX}{tag}.{host_tag('host-a')}.123.abc"
+    legacy = tmp_path / f"{TEMP_PREFIX}{tag}.123.abc"  # written before temp names carried the host
+    theirs_new = tmp_path / f"{TEMP_PREFIX}{tag}.{host_tag('host-b')}.456.def"
+    theirs_old = tmp_path / f"{TEMP_PREFIX}{tag}.{host_tag('host-b')}.789.ghi"
+    for p in (mine, legacy, theirs_new, theirs_old):
+        p.write_text("x")
+    past = time.time() - 300
+    os.utime(theirs_old, (past, past))
+    remove_stale_temp_outputs(audio, older_than=120)
+    assert [p.exists() for p in (mine, legacy, theirs_new, theirs_old)] == [False, False, True, False]
+    assert host_tag() == host_tag("host-a") != host_tag("host-b")
+
+
 def test_check_config_skips_hidden_folders(tmp_path: Path) -> None:
     for folder in ("", "a", "a/b", ".git", "a/.trash"):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
@@ -133,7 +152,7 @@ def test_status_of_a_state_dir_never_used(tmp_path: Path) -> None:
 
 
 def test_status_lists_retried_jobs_and_failures(tmp_path: Path) -> None:
-    with JobStore(tmp_path / "jobs.sqlite3") as store:
+    with SqliteJobStore(tmp_path / "jobs.sqlite3") as store:
         retried = store.enqueue(tmp_path / "retried.wav", 10, 1)
         store.claim_next()
         store.mark_retry(retried.id, "the worker process died during the job", 0)
@@ -156,8 +175,47 @@ def test_status_lists_retried_jobs_and_failures(tmp_path: Path) -> None:
     assert f"  {tmp_path / 'bad.wav'} (" in text and "attempts 1): bad.wav: not an audio file" in text
 
 
+def test_status_of_a_shared_store_names_the_hosts(tmp_path: Path) -> None:
+    (tmp_path / "host-id").write_text("gpu-1\n")
+    with SqliteJobStore(tmp_path / "jobs.sqlite3", host_id="gpu-1") as store:
+        store.enqueue(tmp_path / "a.wav", 10, 1)
+        store.claim_next()
+        report = collect_status(tmp_path, open_store=lambda: SqliteJobStore(tmp_path / "jobs.sqlite3",
+                                                                            host_id="gpu-2"))
+    assert report["running"][0]["host"] == "gpu-1" and report["host_id"] == "gpu-1"
+    report["job_store"] = "postgresql whisperd@db.lan/whisperd"  # as a shared store reports itself
+    text = format_status(report)
+    assert "job store: postgresql whisperd@db.lan/whisperd (shared by every host); this host: gpu-1" in text
+    assert "jobs (all hosts): 0 queued, 1 running" in text
+    assert f"running: {tmp_path / 'a.wav'} (attempt 1, host gpu-1)" in text
+
+
 def test_status_survives_a_damaged_status_file(tmp_path: Path) -> None:
     (tmp_path / "daemon.json").write_text("{half")
     report = collect_status(tmp_path)
     assert "daemon.json" in report["daemon"]["error"]
     assert "daemon: unknown (" in format_status(report)
+
+
+def test_check_config_with_a_postgresql_job_store(tmp_path: Path, pg_url: str) -> None:
+    import psycopg
+    import yaml
+
+    from whisperd.checks import check_config
+
+    (tmp_path / "inbox").mkdir()
+
+    def config(url: str) -> Path:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"inboxes": [{"id": "in", "path": "inbox"}], "state_dir": "state",
+                                        "job_store": {"backend": "postgresql", "url": url}}))
+        return path
+
+    assert check_config(config(pg_url)) == []  # empty database: the tables can be created
+    with psycopg.connect(pg_url, autocommit=True) as raw:
+        raw.execute("CREATE TABLE whisperd_schema (version integer NOT NULL)")
+        raw.execute("INSERT INTO whisperd_schema VALUES (99)")
+    [newer] = check_config(config(pg_url))
+    assert "job_store:" in newer and "schema version 99 is newer" in newer
+    [unreachable] = check_config(config(f"postgresql://whisperd@/x?host={tmp_path}"))
+    assert "job_store: cannot connect to postgresql whisperd@" in unreachable

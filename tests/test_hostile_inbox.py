@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from whisperd.jobstore import JobStore
+from whisperd.jobstore import SqliteJobStore
 
 from daemon_harness import (
     TEMP_OUTPUT_GLOB,
@@ -132,7 +132,7 @@ def test_a_job_killed_after_its_outputs_were_written_is_not_redone(tmp_path: Pat
     past = time.time() - 60
     for audio in (complete, partial):
         os.utime(audio, (past, past))
-    store = JobStore(state / "jobs.sqlite3")
+    store = SqliteJobStore(state / "jobs.sqlite3")
     for audio in (complete, partial):
         st = audio.stat()
         store.enqueue(audio, st.st_size, st.st_mtime_ns)
@@ -187,7 +187,7 @@ def test_an_unusable_job_database_stops_the_daemon_with_a_clear_message(tmp_path
     assert "cannot be used" in result.stderr and "Traceback" not in result.stderr + result.stdout
 
     database.unlink()
-    JobStore(database).close()  # a valid database, then made immutable: it can be read, not written
+    SqliteJobStore(database).close()  # a valid database, then made immutable: it can be read, not written
     if subprocess.run(["chattr", "+i", str(database)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here")
     try:

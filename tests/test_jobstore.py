@@ -1,4 +1,5 @@
-"""Tests for the SQLite job store: identity, claiming, retries, crash recovery, persistence."""
+"""The job store contract - identity, claiming, leases, retries, crash recovery, persistence - run
+against both backends (SQLite and a real PostgreSQL server), plus what is particular to each."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from whisperd.jobstore import (
@@ -18,18 +22,54 @@ from whisperd.jobstore import (
     JobStateError,
     JobStore,
     JobStoreError,
+    JobStoreUnavailable,
+    SqliteJobStore,
 )
+from whisperd.jobstore.postgres import PostgresJobStore
+
+from pg_harness import PostgresServer
 
 pytestmark = pytest.mark.timeout(60)
 
 T0 = 1_700_000_000.0
+BACKENDS = ["sqlite", "postgresql"]
+
+#: (backend, where): enough to open the same database again, in this process or a spawned one.
+Spec = tuple[str, str]
+
+
+def open_spec(spec: Spec, **kw: Any) -> JobStore:
+    backend, where = spec
+    if backend == "sqlite":
+        return SqliteJobStore(where, **kw)
+    return PostgresJobStore(where, **{"host_id": "host-a", **kw})
+
+
+@pytest.fixture(params=BACKENDS)
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> Spec:
+    if request.param == "sqlite":
+        (tmp_path / "state").mkdir()
+        return ("sqlite", str(tmp_path / "state" / "jobs.sqlite3"))
+    return ("postgresql", request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    s = JobStore(tmp_path / "state" / "jobs.sqlite3")
-    yield s
-    s.close()
+def opener(spec: Spec) -> Iterator[Callable[..., JobStore]]:
+    """Opens stores on the test's database (another host: `opener(host_id=..., inboxes=...)`)."""
+    opened: list[JobStore] = []
+
+    def open_(**kw: Any) -> JobStore:
+        opened.append(open_spec(spec, **kw))
+        return opened[-1]
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(opener: Callable[..., JobStore]) -> JobStore:
+    return opener()
 
 
 def _enqueue(store: JobStore, path: str = "/in/talk.wav", size: int = 100, mtime_ns: int = 1, **kw) -> Job:
@@ -41,9 +81,9 @@ def _enqueue(store: JobStore, path: str = "/in/talk.wav", size: int = 100, mtime
 # -- schema and persistence -------------------------------------------------------------------
 
 
-def test_creates_wal_database_with_schema_version(tmp_path: Path) -> None:
+def test_sqlite_creates_wal_database_with_schema_version(tmp_path: Path) -> None:
     db = tmp_path / "state" / "jobs.sqlite3"
-    with JobStore(db) as store:
+    with SqliteJobStore(db) as store:
         assert store.schema_version == SCHEMA_VERSION
     raw = sqlite3.connect(db)
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -51,18 +91,24 @@ def test_creates_wal_database_with_schema_version(tmp_path: Path) -> None:
     raw.close()
 
 
-def test_refuses_database_from_newer_version(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.sqlite3"
-    raw = sqlite3.connect(db)
-    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    raw.close()
-    with pytest.raises(JobStoreError, match="newer"):
-        JobStore(db)
+def test_refuses_database_from_newer_version(spec: Spec) -> None:
+    if spec[0] == "sqlite":
+        raw = sqlite3.connect(spec[1])
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        raw.close()
+        with pytest.raises(JobStoreError, match="newer"):
+            open_spec(spec)
+        return
+    with open_spec(spec) as store:
+        assert store.schema_version == 1
+    with psycopg.connect(spec[1], autocommit=True) as raw:
+        raw.execute("UPDATE whisperd_schema SET version = 99")
+    with open_spec(spec) as store, pytest.raises(JobStoreError, match="newer"):
+        store.counts()
 
 
-def test_state_persists_across_reopen(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.sqlite3"
-    with JobStore(db) as store:
+def test_state_persists_across_reopen(opener: Callable[..., JobStore]) -> None:
+    with opener() as store:
         a = _enqueue(store, "/in/a.wav")
         b = _enqueue(store, "/in/b.wav")
         _enqueue(store, "/in/c.wav")
@@ -70,7 +116,7 @@ def test_state_persists_across_reopen(tmp_path: Path) -> None:
         assert claimed is not None and claimed.id == a.id
         store.mark_done(a.id, audio_seconds=60.0, wall_seconds=6.0, language="en", extra={"outputs": ["txt"]})
         store.mark_failed(b.id, "decode error")
-    with JobStore(db) as store:
+    with opener() as store:
         assert store.counts() == {"queued": 1, "running": 0, "done": 1, "failed": 1, "superseded": 0}
         done = store.get(a.id)
         assert done is not None
@@ -209,8 +255,8 @@ def test_claim_is_exclusive_across_threads(store: JobStore) -> None:
     assert store.counts()["done"] == n
 
 
-def _process_claimer(db: str, threads: int, start, out) -> None:  # runs in a child process
-    store = JobStore(db)
+def _process_claimer(spec: Spec, threads: int, start, out) -> None:  # runs in a child process
+    store = open_spec(spec, host_id=f"host-{os.getpid()}")
     claimed: list[int] = []
     lock = threading.Lock()
     start.wait()  # a barrier: both processes have their store open before either claims
@@ -232,17 +278,16 @@ def _process_claimer(db: str, threads: int, start, out) -> None:  # runs in a ch
 
 
 @pytest.mark.timeout(120)
-def test_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
+def test_claim_is_exclusive_across_processes(spec: Spec) -> None:
     """200 jobs, 2 processes x 2 threads claiming at once: every job claimed exactly once."""
-    db = str(tmp_path / "jobs.sqlite3")
     n = 200
-    with JobStore(db) as store:
+    with open_spec(spec) as store:
         for i in range(n):
             _enqueue(store, f"/in/{i:03}.wav")
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(2)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_process_claimer, args=(db, 2, start, out)) for _ in range(2)]
+    procs = [ctx.Process(target=_process_claimer, args=(spec, 2, start, out)) for _ in range(2)]
     for p in procs:
         p.start()
     results = [out.get(timeout=90) for _ in procs]
@@ -252,16 +297,18 @@ def test_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
     all_claims = [job_id for _, ids in results for job_id in ids]
     assert len(all_claims) == n and len(set(all_claims)) == n
     assert all(ids for _, ids in results), "both processes should have claimed (they start together)"
-    with JobStore(db) as store:
+    with open_spec(spec) as store:
         assert store.counts()["done"] == n
         assert store.counts()["running"] == 0
         pids = {store.get(i).extra["pid"] for i in all_claims}  # type: ignore[union-attr]
+        owners = {store.get(i).owner for i in all_claims}  # type: ignore[union-attr]
     assert pids == {pid for pid, _ in results}
+    assert owners == {f"host-{pid}" for pid, _ in results}
 
 
-def test_forked_child_gets_its_own_connection(tmp_path: Path) -> None:
+def test_sqlite_forked_child_gets_its_own_connection(tmp_path: Path) -> None:
     """A store created before a fork keeps working in the child (fresh connection) and parent."""
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     job = _enqueue(store)
     ctx = multiprocessing.get_context("fork")
     proc = ctx.Process(target=_claim_and_finish, args=(store,))
@@ -281,20 +328,19 @@ def _claim_and_finish(store: JobStore) -> None:
 # -- retries, crashes, failures ---------------------------------------------------------------
 
 
-def test_a_crashed_claim_is_still_running_after_a_reopen(tmp_path: Path) -> None:
+def test_a_crashed_claim_is_still_running_after_a_reopen(opener: Callable[..., JobStore]) -> None:
     """What start-up recovery (JobRunner.recover_interrupted, tested in test_runner.py) finds."""
-    db = tmp_path / "jobs.sqlite3"
-    store = JobStore(db)
+    store = opener(host_id="host-a")
     job = _enqueue(store)
     store.claim_next(now=T0, worker_pid=111)
     # the daemon dies here: no mark_*; abandon the connection as a crash would
-    del store
-    store = JobStore(db)
-    assert [(j.id, j.worker_pid) for j in store.running()] == [(job.id, 111)]
+    store = opener(host_id="host-a")
+    assert [(j.id, j.worker_pid, j.owner) for j in store.running()] == [(job.id, 111, "host-a")]
+    assert [j.id for j in store.running(owner="host-a")] == [job.id]
+    assert store.running(owner="host-b") == []
     back = store.mark_retry(job.id, "interrupted", 0)
     assert (back.state, back.attempts, back.worker_pid) == ("queued", 1, None)
     assert store.claim_next() is not None
-    store.close()
 
 
 def test_clean_requeue_does_not_count(store: JobStore) -> None:
@@ -347,3 +393,226 @@ def test_mark_superseded_for_a_file_that_changed_under_the_worker(store: JobStor
     gone = store.mark_superseded(job.id, "file changed since it was queued")
     assert gone.state == "superseded" and gone.is_final
     assert store.counts()["running"] == 0
+
+
+# -- several hosts: identities, leases, fencing --------------------------------------------------
+
+
+def test_identity_is_relative_to_the_inbox_id_so_hosts_mounting_the_share_elsewhere_agree(
+        opener: Callable[..., JobStore], spec: Spec) -> None:
+    a = opener(host_id="host-a", inboxes={"meetings": "/mnt/share/meetings"})
+    b = opener(host_id="host-b", inboxes={"meetings": "/srv/meetings", "nested": "/srv/meetings/deep"})
+    job = a.enqueue("/mnt/share/meetings/2024/talk.wav", 100, 1)
+    assert job is not None and (job.inbox, job.rel_path) == ("meetings", b"2024/talk.wav")
+    assert job.path == Path("/mnt/share/meetings/2024/talk.wav")
+    assert b.enqueue("/srv/meetings/2024/talk.wav", 100, 1) is None  # the same file, seen from host b
+    claimed = b.claim_next()
+    assert claimed is not None and claimed.id == job.id
+    assert claimed.path == Path("/srv/meetings/2024/talk.wav")  # mapped to b's own mount
+    assert b.latest_for_path("/srv/meetings/2024/talk.wav").id == job.id  # type: ignore[union-attr]
+    inner = b.enqueue("/srv/meetings/deep/x.wav", 1, 1)  # the innermost inbox wins
+    assert inner is not None and (inner.inbox, inner.rel_path) == ("nested", b"x.wav")
+    # An inbox host a lacks: SQLite (one machine) shows the path it was queued under.
+    unmapped = Path("nested:/x.wav") if spec[0] == "postgresql" else Path("/srv/meetings/deep/x.wav")
+    assert a.get(inner.id).path == unmapped  # type: ignore[union-attr]
+    outside = a.enqueue("/elsewhere/y.wav", 1, 1)
+    assert outside is not None and (outside.inbox, outside.rel_path) == ("", b"/elsewhere/y.wav")
+
+
+def test_claims_carry_owner_token_and_lease(opener: Callable[..., JobStore]) -> None:
+    a = opener(host_id="host-a", lease_seconds=30)
+    job = _enqueue(a)
+    assert (job.owner, job.token, job.lease_expires) == (None, 0, None)
+    first = a.claim_next(now=T0)
+    assert first is not None and (first.owner, first.token, first.lease_expires) == ("host-a", 1, T0 + 30)
+    assert a.renew(job.id, first.token, now=T0 + 10) == T0 + 40
+    assert a.get(job.id).lease_expires == T0 + 40  # type: ignore[union-attr]
+    a.requeue(job.id, token=first.token)
+    second = a.claim_next(now=T0 + 50)
+    assert second is not None and second.token == 2  # +1 per claim
+    with pytest.raises(JobStateError, match="claim 1 is lost"):
+        a.renew(job.id, first.token, now=T0 + 51)
+
+
+def test_an_expired_lease_is_taken_back_by_another_host_and_the_late_owner_is_refused(
+        opener: Callable[..., JobStore]) -> None:
+    a, b = opener(host_id="host-a", lease_seconds=30), opener(host_id="host-b", lease_seconds=30)
+    job = _enqueue(a)
+    claim = a.claim_next(now=T0)
+    assert claim is not None
+    assert b.expired(now=T0 + 29) == []
+    with pytest.raises(JobStateError, match="has not expired"):  # host a is still within its lease
+        b.mark_retry(job.id, "lease expired", 0, now=T0 + 29, token=claim.token, expired=True)
+    [late] = b.expired(now=T0 + 31)
+    assert (late.id, late.owner, late.token) == (job.id, "host-a", 1)
+    back = b.mark_retry(job.id, "host-a stopped renewing", 0, now=T0 + 31, token=late.token, expired=True)
+    assert (back.state, back.attempts) == ("queued", 1)  # counted: the file may be what killed host a
+    with pytest.raises(JobStateError):  # a second host taking it back too is refused
+        a.mark_retry(job.id, "host-a stopped renewing", 0, now=T0 + 31, token=late.token, expired=True)
+    again = b.claim_next(now=T0 + 32)
+    assert again is not None and (again.owner, again.token) == ("host-b", 2)
+    with pytest.raises(JobStateError, match="claim 1 is lost"):  # host a comes back: fenced off
+        a.mark_done(job.id, 1.0, 1.0, "en", token=claim.token)
+    with pytest.raises(JobStateError):
+        a.renew(job.id, claim.token)
+    done = b.mark_done(job.id, 1.0, 1.0, "en", token=again.token)
+    assert (done.state, done.owner) == ("done", "host-b")
+    # A repeated mark_done of the same claim (its reply was lost with the connection) is fine;
+    # of another claim it is not.
+    assert b.mark_done(job.id, 1.0, 1.0, "en", token=again.token).state == "done"
+    with pytest.raises(JobStateError):
+        a.mark_done(job.id, 1.0, 1.0, "en", token=claim.token)
+
+
+def test_a_renewed_lease_is_not_expired(opener: Callable[..., JobStore]) -> None:
+    a, b = opener(host_id="host-a", lease_seconds=10), opener(host_id="host-b", lease_seconds=10)
+    job = _enqueue(a)
+    claim = a.claim_next(now=T0)
+    for t in range(5, 60, 5):  # the heartbeat
+        a.renew(job.id, claim.token, now=T0 + t)  # type: ignore[union-attr]
+        assert b.expired(now=T0 + t + 9) == []
+    assert [j.id for j in b.expired(now=T0 + 66)] == [job.id]
+    # Renewing after expiry still works while nobody has taken the job back.
+    assert a.renew(job.id, claim.token, now=T0 + 70) == T0 + 80  # type: ignore[union-attr]
+    assert b.expired(now=T0 + 75) == []
+
+
+def test_racing_watchers_leave_one_queued_row_per_file(opener: Callable[..., JobStore]) -> None:
+    """Two hosts' watchers see two versions of each file at the same moment (a copy finishing
+    while a rescan runs): whatever the interleaving, one row per identity and one queued per path."""
+    hosts = [opener(host_id=f"host-{n}", inboxes={"in": f"/mnt/{n}/in"}) for n in range(4)]
+    files = 25
+    start = threading.Barrier(len(hosts))
+
+    def watcher(n: int, store: JobStore) -> None:
+        start.wait()
+        for i in range(files):
+            for version in ((1, 1), (2, 2)) if n % 2 else ((2, 2), (1, 1)):
+                store.enqueue(f"/mnt/{n}/in/f{i}.wav", *version)
+
+    threads = [threading.Thread(target=watcher, args=(n, s)) for n, s in enumerate(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader = hosts[0]
+    assert len(reader.queued()) == files
+    for i in range(files):
+        history = reader.history_for_path(f"/mnt/0/in/f{i}.wav")
+        assert len(history) == 2 and len({j.identity for j in history}) == 2
+        assert sorted(j.state for j in history) == ["queued", "superseded"]
+    assert reader.counts() == {"queued": files, "running": 0, "done": 0, "failed": 0, "superseded": files}
+
+
+def test_recent_done_most_recent_first(store: JobStore) -> None:
+    ids = [_enqueue(store, f"/in/{i}.wav").id for i in range(3)]
+    for i, job_id in enumerate(ids):
+        claim = store.claim_next(now=T0 + i)
+        store.mark_done(job_id, 1.0, 1.0, "en", now=T0 + 10 - i, token=claim.token)  # type: ignore[union-attr]
+    assert [j.id for j in store.recent_done(2)] == [ids[0], ids[1]]
+
+
+# -- PostgreSQL: notifications, outages, the database's clock ---------------------------------
+
+
+def test_postgres_notifies_idle_hosts_when_a_job_is_queued(pg_url: str) -> None:
+    woken = threading.Event()
+    with PostgresJobStore(pg_url, host_id="idle") as idle, PostgresJobStore(pg_url, host_id="busy") as busy:
+        idle.on_queued(woken.set)
+        assert woken.wait(10), "the listener calls back once it listens (for what it may have missed)"
+        woken.clear()
+        time.sleep(0.2)
+        started = time.monotonic()
+        busy.enqueue("/in/new.wav", 1, 1)
+        assert woken.wait(5)
+        print(f"notification after {1000 * (time.monotonic() - started):.1f} ms")
+
+
+def test_postgres_leases_use_the_database_clock(pg_url: str) -> None:
+    with PostgresJobStore(pg_url, host_id="a", lease_seconds=60) as store:
+        store.enqueue("/in/a.wav", 1, 1)
+        with psycopg.connect(pg_url) as raw:
+            db_now = float(raw.execute("SELECT EXTRACT(EPOCH FROM now())").fetchone()[0])  # type: ignore[index]
+        claim = store.claim_next()
+        assert claim is not None and claim.lease_expires is not None
+        assert abs(claim.lease_expires - (db_now + 60)) < 5
+
+
+def test_postgres_outage_raises_unavailable_then_recovers(own_postgres_server: PostgresServer) -> None:
+    server = own_postgres_server
+    url = server.new_database()
+    with PostgresJobStore(url, host_id="a") as store:
+        job = store.enqueue("/in/a.wav", 1, 1)
+        claim = store.claim_next()
+        assert job is not None and claim is not None
+        server.stop("fast")
+        with pytest.raises(JobStoreUnavailable):
+            store.mark_done(job.id, 1.0, 1.0, "en", token=claim.token)
+        with pytest.raises(JobStoreUnavailable):  # fails fast while reconnecting is paused
+            store.counts()
+        server.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                done = store.mark_done(job.id, 1.0, 1.0, "en", token=claim.token)
+                break
+            except JobStoreUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert done.state == "done" and store.counts()["done"] == 1
+
+
+def test_postgres_unreachable_at_open_is_unavailable_not_fatal(tmp_path: Path) -> None:
+    store = PostgresJobStore(f"postgresql://whisperd@/x?host={tmp_path}", host_id="a")  # nothing listens
+    with pytest.raises(JobStoreUnavailable):
+        store.claim_next()
+    store.close()
+
+
+# -- SQLite: upgrading a version 1 database ---------------------------------------------------
+
+
+def test_sqlite_version_1_database_is_upgraded_and_its_rows_adopted_by_their_inbox(tmp_path: Path) -> None:
+    from whisperd.jobstore.sqlite import _MIGRATIONS
+
+    db = tmp_path / "jobs.sqlite3"
+    raw = sqlite3.connect(db)
+    raw.executescript(_MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    raw.execute("INSERT INTO jobs (path, size, mtime_ns, state, enqueued_at) VALUES (?, 100, 1, 'done', 1)",
+                (b"/srv/inbox/talk.wav",))
+    raw.execute("INSERT INTO jobs (path, size, mtime_ns, state, enqueued_at, started_at, worker_pid)"
+                " VALUES (?, 5, 1, 'running', 1, 2, 77)", (b"/srv/inbox/sub/crashed.wav",))
+    raw.commit()
+    raw.close()
+    with SqliteJobStore(db, host_id="me", inboxes={"/srv/inbox": "/srv/inbox"}) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        done, running = store.get(1), store.get(2)
+        assert done is not None and (done.inbox, done.rel_path, done.path) == (
+            "/srv/inbox", b"talk.wav", Path("/srv/inbox/talk.wav"))
+        assert running is not None and (running.rel_path, running.owner, running.token) == (b"sub/crashed.wav", None, 0)
+        assert store.enqueue("/srv/inbox/talk.wav", 100, 1) is None  # still known: not transcribed again
+        assert [j.id for j in store.running(owner="me")] == [2]  # claimed before owners were recorded
+    with SqliteJobStore(db, host_id="me", inboxes={"meetings": "/srv/inbox"}) as store:  # the inbox got an id
+        assert store.get(2).inbox == "meetings"  # type: ignore[union-attr]
+        assert store.enqueue("/srv/inbox/talk.wav", 100, 1) is None
+    with SqliteJobStore(db) as store:  # `whisperd status --state-dir`: no inboxes, the stored path is shown
+        assert store.get(1).path == Path("/srv/inbox/talk.wav")  # type: ignore[union-attr]
+
+
+# -- throughput -------------------------------------------------------------------------------
+
+
+def test_throughput(opener: Callable[..., JobStore], spec: Spec) -> None:
+    """Enqueue and claim-to-done rates, one thread; printed for the README (-s shows them)."""
+    store = opener(host_id="bench", inboxes={"in": "/in"})
+    n = 500
+    started = time.perf_counter()
+    for i in range(n):
+        store.enqueue(f"/in/{i:05}.wav", 1000, 1)
+    enqueue_rate = n / (time.perf_counter() - started)
+    started = time.perf_counter()
+    while (job := store.claim_next()) is not None:
+        store.mark_done(job.id, 1.0, 1.0, "en", token=job.token)
+    claim_rate = n / (time.perf_counter() - started)
+    assert store.counts()["done"] == n
+    print(f"{spec[0]}: enqueue {enqueue_rate:.0f}/s, claim + mark_done {claim_rate:.0f}/s")

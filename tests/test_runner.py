@@ -8,6 +8,7 @@ real ones.
 from __future__ import annotations
 
 import os
+import time
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from whisperd.config import DaemonConfig, JobConfig
-from whisperd.jobstore import Job, JobStore
+from whisperd.jobstore import Job, JobStateError, JobStore, JobStoreUnavailable, SqliteJobStore
 from whisperd.naming import error_file_for
 from whisperd.protocol import AttemptOutcome, JobDone, JobOutcome, JobRequest
 from whisperd.retry import RetryPolicy
@@ -71,7 +72,7 @@ def inbox(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def store(tmp_path: Path) -> JobStore:
-    s = JobStore(tmp_path / "jobs.sqlite3")
+    s = SqliteJobStore(tmp_path / "jobs.sqlite3")
     yield s
     s.close()
 
@@ -268,3 +269,141 @@ def test_reload_into_an_engine_that_cannot_load_keeps_the_old_one(tmp_path: Path
     assert FakeSupervisor.started == ["good", "broken", "good"]
     assert daemon.exit_code == 0 and not daemon.stop_requested
     os.environ.pop("NOTIFY_SOCKET", None)
+
+
+# -- several hosts on one job store ---------------------------------------------------------------
+
+
+class TickingWorker:
+    """Runs each job for `ticks` ticks (the supervisor ticks about twice a second), then answers;
+    stops early, like the supervisor, when the tick says so."""
+
+    def __init__(self, outcome: Callable[[Path], JobOutcome], ticks: int = 6, pause: float = 0.05) -> None:
+        self.outcome, self.ticks, self.pause = outcome, ticks, pause
+        self.interrupted = False
+
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool]) -> JobOutcome:
+        for _ in range(self.ticks):
+            time.sleep(self.pause)
+            if not tick():
+                self.interrupted = True
+                return JobOutcome(AttemptOutcome.INTERRUPTED, error="the daemon stopped during the job")
+        return self.outcome(request.path)
+
+
+def host(tmp_path: Path, inbox: Path, name: str, lease: float = 120.0,
+         jobs: JobConfig = JOBS) -> tuple[SqliteJobStore, JobRunner]:
+    """Another host on the same job database (two stores on one file stand for two machines)."""
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", host_id=name, inboxes={"in": inbox}, lease_seconds=lease)
+    return store, make_runner(store, inbox, jobs)
+
+
+def test_a_restarted_host_requeues_only_its_own_jobs_and_takes_back_others_after_their_lease(
+        tmp_path: Path, inbox: Path) -> None:
+    mine, theirs = write_wav(inbox / "mine.wav"), write_wav(inbox / "theirs.wav")
+    a_store, a = host(tmp_path, inbox, "host-a", lease=1.0)
+    b_store, b = host(tmp_path, inbox, "host-b", lease=1.0)
+    queue(a_store, mine)
+    queue(b_store, theirs)
+    # host a restarts: its own claim is interrupted (counted), host b's is left alone...
+    assert a.recover_interrupted() == 1
+    rows = {j.path.name: j for j in a_store.history_for_path(mine) + a_store.history_for_path(theirs)}
+    assert (rows["mine.wav"].state, rows["mine.wav"].attempts) == ("queued", 1)
+    assert (rows["theirs.wav"].state, rows["theirs.wav"].owner) == ("running", "host-b")
+    assert a.reap_expired() == 0  # host b's lease still runs
+    time.sleep(1.2)  # ... until host b stops renewing it
+    assert a.reap_expired() == 1
+    back = a_store.latest_for_path(theirs)
+    assert back is not None and (back.state, back.attempts) == ("queued", 1)
+    assert "host-b stopped renewing its lease" in (back.last_error or "")
+    # host b comes back and reports its result: fenced off, recorded nowhere, and no exception
+    with pytest.raises(JobStateError):
+        b_store.mark_done(back.id, 1.0, 1.0, "en", token=back.token)
+
+
+def test_the_lease_is_renewed_while_the_worker_runs(tmp_path: Path, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    a_store, a = host(tmp_path, inbox, "host-a", lease=0.3)
+    b_store, b = host(tmp_path, inbox, "host-b", lease=0.3)
+    job = queue(a_store, audio)
+    seen_expired: list[int] = []
+
+    def finish(path: Path) -> JobOutcome:
+        seen_expired.extend(j.id for j in b_store.expired())
+        return done(path)
+
+    a.process_guarded(job, TickingWorker(finish, ticks=12), lambda: True)  # 0.6 s: twice the lease
+    row = a_store.get(job.id)
+    assert row is not None and (row.state, row.attempts, row.owner) == ("done", 0, "host-a")
+    assert seen_expired == [], "host b saw the running job's lease expire"
+
+
+def test_a_host_that_lost_its_lease_stops_the_job_and_records_nothing(tmp_path: Path, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    a_store, a = host(tmp_path, inbox, "host-a", lease=0.3)
+    b_store, b = host(tmp_path, inbox, "host-b", lease=0.3)
+    job = queue(a_store, audio)
+    later = time.time() + 1  # host a's lease has run out by then
+    b_store.mark_retry(job.id, "host-a stopped renewing", 0, token=job.token, now=later, expired=True)
+    taken = b_store.claim_next(now=later)
+    assert taken is not None and taken.token == job.token + 1
+    worker = TickingWorker(done, ticks=20)
+    a.process_guarded(job, worker, lambda: True)
+    assert worker.interrupted and a.lease_lost
+    row = b_store.get(job.id)
+    assert row is not None and (row.state, row.owner, row.token) == ("running", "host-b", taken.token)
+    b.process_guarded(taken, FakeWorker(done(audio)), lambda: True)
+    assert b_store.get(job.id).state == "done"  # type: ignore[union-attr]
+
+
+class FlakyStore:
+    """The real store, but the database is 'down' for the first `outage` calls of the named methods."""
+
+    def __init__(self, store: JobStore, outage: int, methods: tuple[str, ...] = ("mark_done", "renew")) -> None:
+        self._store, self.outage, self.methods, self.refused = store, outage, methods, 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        attr = getattr(self._store, name)
+        if name not in self.methods:
+            return attr
+
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if self.refused < self.outage:
+                self.refused += 1
+                raise JobStoreUnavailable("connection refused")
+            return attr(*args, **kwargs)
+        return call
+
+
+def test_an_outcome_waits_for_the_database_and_is_recorded_once_it_is_back(
+        store: JobStore, inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("whisperd.runner.RECORD_BACKOFF_FIRST_S", 0.01)
+    audio = write_wav(inbox / "talk.wav")
+    flaky = FlakyStore(store, outage=4)
+    runner = make_runner(flaky, inbox)  # type: ignore[arg-type]
+    job = queue(store, audio)
+    ticks: list[float] = []
+    runner.process_guarded(job, FakeWorker(done(audio)), lambda: ticks.append(time.monotonic()) or True)
+    row = store.get(job.id)
+    assert row is not None and (row.state, row.attempts) == ("done", 0)
+    assert flaky.refused == 4 and ticks, "the daemon's tick (watchdog) ran while waiting"
+
+
+def test_a_stop_while_the_database_is_down_leaves_the_claim_to_its_lease(
+        store: JobStore, inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("whisperd.runner.RECORD_BACKOFF_FIRST_S", 0.01)
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(FlakyStore(store, outage=10**6), inbox)  # type: ignore[arg-type]
+    job = queue(store, audio)
+    runner.process_guarded(job, FakeWorker(done(audio)), lambda: False)  # stopping, deadline passed
+    row = store.get(job.id)
+    assert row is not None and row.state == "running"  # recovered at restart, or by another host's reaping
+
+
+def test_a_claim_whose_reply_was_lost_goes_back_uncounted(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    job = queue(store, audio)  # claimed, but the daemon never got the row (the connection broke)
+    assert runner.reap_expired() == 0  # none expired
+    row = store.get(job.id)
+    assert row is not None and (row.state, row.attempts) == ("queued", 0)

@@ -1,4 +1,5 @@
-"""`whisperd check-config`: everything that can be checked without loading a model."""
+"""`whisperd check-config`: everything that can be checked without loading a model (and the job
+database, when it is a shared one: reachable, and its tables current or creatable)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from whisperd.config import ConfigError, InboxConfig, load_config
+from whisperd.config import ConfigError, DaemonConfig, InboxConfig, load_config
 from whisperd.devices import UnsupportedSettingError, check_engine_settings
 from whisperd.rules import RULE_FILE_NAME, RuleError, RuleResolver
 
@@ -23,6 +24,7 @@ def check_config(path: Path) -> list[str]:
     except UnsupportedSettingError as exc:
         problems.append(f"{path}: engine: {exc}")
     problems.extend(check_state_dir(path, config.state_dir))
+    problems.extend(check_job_store(path, config))
     resolver = RuleResolver()
     for inbox in config.inboxes:
         if not inbox.path.is_dir():
@@ -45,6 +47,18 @@ def check_state_dir(config_path: Path, state_dir: Path) -> list[str]:
     if existing is not None and not existing.is_dir():
         return [f"{config_path}: state_dir {state_dir}: {existing} is not a folder"]
     return []
+
+
+def check_job_store(config_path: Path, config: DaemonConfig) -> list[str]:
+    """A shared job store: the database can be reached with the URL, and its tables are current or
+    can be created by this role. Nothing is changed (the URL's syntax was checked at load)."""
+    if config.job_store.backend != "postgresql" or config.job_store.url is None:
+        return []
+    from whisperd.jobstore.postgres import PostgresJobStore
+
+    store = PostgresJobStore(config.job_store.url, host_id="check-config",
+                             inboxes={i.inbox_id: i.path for i in config.inboxes})
+    return [f"{config_path}: job_store: {problem}" for problem in store.schema_problems()]
 
 
 def rule_files(inbox: InboxConfig) -> Iterator[Path]:

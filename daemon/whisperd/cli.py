@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True)
     add_field_flags(run, EngineSettings, skip=("batch_size",))
 
-    st = sub.add_parser("status", help="queue counts, the running job and recent failures")
+    st = sub.add_parser("status", help="queue counts, the running jobs (every host's, with a shared job store) "
+                                       "and recent failures")
     st.add_argument("--config", type=Path, help="daemon config (its state_dir is read)")
     st.add_argument("--state-dir", type=Path, help="read this state directory instead")
     st.add_argument("--failures", type=int, default=10, help="how many recent failures to list")
@@ -146,8 +147,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.state_dir is None and args.config is None:
         print("whisperd: error: give --config or --state-dir", file=sys.stderr)
         return 2
-    state_dir = args.state_dir or load_config(args.config).state_dir
-    report = collect_status(state_dir, failures=args.failures)
+    config = load_config(args.config) if args.config is not None else None
+    state_dir = args.state_dir or config.state_dir  # type: ignore[union-attr]
+    open_store = None
+    if config is not None and config.job_store.backend != "sqlite":  # the SQLite file is found in state_dir
+        from whisperd.jobstore import open_job_store, read_host_id
+
+        open_store = lambda: open_job_store(config, host_id=read_host_id(state_dir) or "status")  # noqa: E731
+    report = collect_status(state_dir, failures=args.failures, open_store=open_store)
     print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
     return 0
 

@@ -25,11 +25,18 @@ class _Strict(BaseModel):
 
 
 class InboxConfig(_Strict):
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                           description="stable name, the same on every host (required with postgresql)")
     path: Path
     recursive: bool = True
     poll: bool = Field(False, description="use polling instead of inotify (NFS/SMB shares deliver no events)")
     follow_links_outside: bool = Field(False, description="transcribe symlinks that lead outside this inbox")
     rules: RuleSet = RuleSet()
+
+    @property
+    def inbox_id(self) -> str:
+        """What job identities are relative to: the configured id, else the path (one host only)."""
+        return self.id or str(self.path)
 
 
 class EngineSection(EngineSettings):
@@ -72,10 +79,17 @@ class JobConfig(_Strict):
         return self.timeout_base_seconds + self.timeout_per_audio_second * (audio_seconds if audio_seconds else 3600.0)
 
 
+class JobStoreConfig(_Strict):
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    url: str | None = Field(None, description="libpq URL (postgresql); the password via ~/.pgpass or PGPASSFILE")
+    lease_seconds: float = Field(120.0, ge=1, description="a running job's lease; renewed while the worker is alive")
+
+
 class DaemonConfig(_Strict):
     inboxes: list[InboxConfig] = Field(min_length=1)
     engine: EngineSection = EngineSection()
     jobs: JobConfig = JobConfig()
+    job_store: JobStoreConfig = JobStoreConfig()
     state_dir: Path = Path("/var/lib/whisperd")
     settle_seconds: float = Field(2.0, ge=0)
     rescan_seconds: float = Field(300.0, gt=0)
@@ -87,6 +101,29 @@ class DaemonConfig(_Strict):
     @property
     def database_path(self) -> Path:
         return self.state_dir / "jobs.sqlite3"
+
+
+def job_store_problems(config: DaemonConfig) -> list[str]:
+    """What the job_store section and the inbox ids get wrong together, by key."""
+    store, problems = config.job_store, []
+    if store.backend == "postgresql":
+        if not store.url:
+            problems.append("key 'job_store.url': required with backend: postgresql")
+        else:
+            from whisperd.jobstore.postgres import validate_url
+
+            if (bad := validate_url(store.url)) is not None:
+                problems.append(f"key 'job_store.url': not a libpq URL or connection string ({bad})")
+        problems.extend(f"key 'inboxes.{n}.id': required with job_store.backend: postgresql (a stable name, "
+                        "the same on every host)" for n, inbox in enumerate(config.inboxes) if inbox.id is None)
+    elif store.url is not None:
+        problems.append("key 'job_store.url': only used with backend: postgresql")
+    seen: dict[str, int] = {}
+    for n, inbox in enumerate(config.inboxes):
+        if inbox.inbox_id in seen:
+            problems.append(f"key 'inboxes.{n}.id': {inbox.inbox_id!r} is also inbox {seen[inbox.inbox_id]}'s id")
+        seen.setdefault(inbox.inbox_id, n)
+    return problems
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -113,6 +150,9 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> DaemonCo
     if overrides:
         data["engine"] = {**(data.get("engine") or {}), **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return DaemonConfig.model_validate(data)
+        config = DaemonConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(str(path), exc)) from None
+    if problems := job_store_problems(config):
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return config

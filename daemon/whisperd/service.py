@@ -5,6 +5,10 @@ The watcher feeds the job store; the main loop claims jobs and hands each to the
 
 Threads: watchdog's and the watcher's threads only enqueue; everything else (claiming, running,
 recording results, signals, sd_notify) happens on the main thread, so state changes have one owner.
+
+The job store may be a database shared with other hosts. While it is unreachable the daemon stays
+up: it keeps the files it is told about for later, retries with backoff, and catches up once the
+database is back (whisperd.runner holds a finished job's outcome meanwhile).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 
 from whisperd.atomic import atomic_write_text
 from whisperd.config import ConfigError, DaemonConfig, load_config
-from whisperd.jobstore import JobStore, JobStoreError
+from whisperd.jobstore import JobStore, JobStoreError, JobStoreUnavailable, load_host_id, open_job_store
 from whisperd.logs import configure_logging, get_logger
+from whisperd.naming import HOST_ID_ENV
 from whisperd.notify import Notifier
 from whisperd.options import EngineSettings
 from whisperd.rules import InboxRules, RuleError
@@ -36,8 +41,11 @@ log = get_logger("whisperd.daemon")
 EXIT_FAILURE = 1  # systemd's Restart=on-failure starts us again
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it
 # Settings the running watcher and job store were built from; a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("state_dir", "settle_seconds", "rescan_seconds", "log_format", "log_level")
+RESTART_ONLY_SETTINGS = ("state_dir", "settle_seconds", "rescan_seconds", "log_format", "log_level", "job_store")
 UNRECOGNISED_KEPT = 100  # names of unrecognised files remembered for `status` (and logged once each)
+#: Waits between attempts to reach an unavailable job database.
+STORE_RETRY_FIRST_S = 0.5
+STORE_RETRY_MAX_S = 10.0
 
 
 class Daemon:
@@ -61,7 +69,14 @@ class Daemon:
         self.started_at = time.time()
         self._last_status_write = 0.0
         self._lock_fd: int | None = None
+        self.host_id = ""
         self.store: JobStore | None = None
+        self.store_down_since: float | None = None
+        self._store_retry_s = STORE_RETRY_FIRST_S
+        self._next_reap = 0.0
+        # Files reported while the job database was unreachable, queued once it is back.
+        self._pending: dict[Path, os.stat_result] = {}
+        self._pending_lock = threading.Lock()
         self.runner: JobRunner | None = None
         self.watcher: Watcher | None = None
         self.supervisor: WorkerSupervisor | None = None
@@ -79,6 +94,8 @@ class Daemon:
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             self._take_state_lock()
+            self.host_id = load_host_id(cfg.state_dir)
+            os.environ[HOST_ID_ENV] = self.host_id  # for temp names, here and in the worker
         except OSError as exc:
             log.error("cannot use the state directory", state_dir=str(cfg.state_dir), error=str(exc))
             return EXIT_CONFIG
@@ -87,11 +104,17 @@ class Daemon:
             return EXIT_FAILURE
         self._install_signal_handlers()
         if not self._open_store():
-            return EXIT_CONFIG
-        assert self.runner is not None
-        recovered = self.runner.recover_interrupted()
+            return 0 if self.stop_requested else EXIT_CONFIG
+        assert self.runner is not None and self.store is not None
+        try:
+            recovered = self.runner.recover_interrupted()
+        except JobStoreUnavailable:  # stopped while waiting for the database
+            self._shutdown()
+            return 0
         log.info("daemon starting", pid=os.getpid(), config=str(self.config_path), state_dir=str(cfg.state_dir),
-                 inboxes=[str(i.path) for i in cfg.inboxes], requeued_after_crash=recovered)
+                 inboxes=[str(i.path) for i in cfg.inboxes], requeued_after_crash=recovered, host_id=self.host_id,
+                 job_store=self.store.location, lease_seconds=self.store.lease_seconds)
+        self.store.on_queued(self.wake.set)
         self.watcher = Watcher(self._inboxes(cfg), self.on_file_ready, settle_seconds=cfg.settle_seconds,
                                rescan_seconds=cfg.rescan_seconds, on_unrecognised=self.on_unrecognised_file,
                                empty_settle_seconds=min(cfg.rescan_seconds, 60.0))
@@ -113,20 +136,56 @@ class Daemon:
         return self.exit_code
 
     def _open_store(self) -> bool:
-        """Open the job store and prove it can be written; False (logged) when it cannot be used."""
-        path = self.config.database_path
-        try:
-            self.store = JobStore(path)
-            self.store.check_writable()
-        except (sqlite3.Error, JobStoreError, OSError) as exc:
-            message = (f"the job database {path} cannot be used: {exc}. Move it aside to start with an "
-                       "empty queue (finished files are not redone: their outputs are newer), or fix its permissions")
-            log.error("cannot use the job database", path=str(path), error=str(exc))
-            print(f"whisperd: {message}", file=sys.stderr, flush=True)
-            self.notifier.status(message[:200])
-            return False
-        self.runner = JobRunner(self.store, self.config.jobs, self.rules, on_change=self._job_changed)
+        """Open the job store and prove it can be written; False (logged) when it cannot be used,
+        or when a stop came while waiting for a database that is unreachable (retried with backoff)."""
+        cfg = self.config
+        where = str(cfg.database_path) if cfg.job_store.backend == "sqlite" else "the PostgreSQL job database"
+        while True:
+            try:
+                if self.store is None:
+                    self.store = open_job_store(cfg, self.host_id)
+                self.store.check_writable()
+                break
+            except JobStoreUnavailable as exc:
+                if not self._store_unavailable(exc):
+                    return False
+            except (sqlite3.Error, JobStoreError, OSError) as exc:
+                advice = ("Move it aside to start with an empty queue (finished files are not redone: their outputs "
+                          "are newer), or fix its permissions") if cfg.job_store.backend == "sqlite" else \
+                    "Check job_store.url and the role's privileges (whisperd check-config tells more)"
+                message = f"the job database {where} cannot be used: {exc}. {advice}"
+                log.error("cannot use the job database", path=where, error=str(exc))
+                print(f"whisperd: {message}", file=sys.stderr, flush=True)
+                self.notifier.status(message[:200])
+                return False
+        self._store_available()
+        self.runner = JobRunner(self.store, self.config.jobs, self.rules, on_change=self._job_changed,
+                                tick=self._tick)
         return True
+
+    # -- an unreachable job database ---------------------------------------------------------
+
+    def _store_unavailable(self, exc: JobStoreError) -> bool:
+        """Log (once per outage), then wait before the next try, doubling the wait up to a cap.
+        False when a stop was asked for meanwhile."""
+        if self.store_down_since is None:
+            self.store_down_since = time.monotonic()
+            log.warning("job database unavailable; retrying", error=str(exc), retry_in_seconds=self._store_retry_s)
+            self.notifier.status(f"job database unavailable: {exc}"[:200])
+        deadline = time.monotonic() + self._store_retry_s
+        self._store_retry_s = min(self._store_retry_s * 2, STORE_RETRY_MAX_S)
+        while not self.stop_requested and (left := deadline - time.monotonic()) > 0:
+            self._tick()
+            ping_in = self.notifier.seconds_to_next_ping()
+            time.sleep(min(left, 0.5, ping_in if ping_in is not None else 0.5))
+        return not self.stop_requested
+
+    def _store_available(self) -> None:
+        if self.store_down_since is not None:
+            log.info("job database reachable again", down_seconds=round(time.monotonic() - self.store_down_since, 1))
+            self.store_down_since = None
+            self._write_status(force=True)
+        self._store_retry_s = STORE_RETRY_FIRST_S
 
     @staticmethod
     def _inboxes(cfg: DaemonConfig) -> list[Inbox]:
@@ -182,7 +241,16 @@ class Daemon:
     # -- the watcher's side: enqueue only ---------------------------------------------------
 
     def on_file_ready(self, path: Path, st: os.stat_result) -> None:
-        """Called by the watcher for every complete file; cheap: enqueue and wake the main loop."""
+        """Called by the watcher for every complete file; cheap: enqueue and wake the main loop.
+        While the job database is unreachable the file is kept for `_queue_pending`."""
+        try:
+            self._enqueue(path, st)
+        except JobStoreUnavailable as exc:
+            with self._pending_lock:
+                self._pending[path] = st
+            log.debug("job database unavailable; the file is queued when it is back", path=str(path), error=str(exc))
+
+    def _enqueue(self, path: Path, st: os.stat_result) -> None:
         assert self.store is not None
         try:
             formats = self.rules.effective(path).outputs
@@ -195,6 +263,19 @@ class Daemon:
         if job is not None:
             log.info("job queued", job_id=job.id, path=str(path), size=st.st_size)
             self.wake.set()
+
+    def _queue_pending(self) -> None:
+        """Queue what the watcher reported while the database was unreachable (JobStoreUnavailable
+        leaves the rest for the next try)."""
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                path, st = next(iter(self._pending.items()))
+            self._enqueue(path, st)
+            with self._pending_lock:
+                if self._pending.get(path) is st:
+                    del self._pending[path]
 
     def on_unrecognised_file(self, path: str, reason: str) -> None:
         """A file that is not taken as a recording by its name: logged once, listed in `status`."""
@@ -230,13 +311,33 @@ class Daemon:
                 break
             self._tick()
             assert self.supervisor is not None
-            job = self.store.claim_next(worker_pid=self.supervisor.pid)
+            try:
+                self._queue_pending()
+                self._reap_expired()
+                job = self.store.claim_next(worker_pid=self.supervisor.pid)
+            except JobStoreError as exc:  # unreachable; or refusing us (a role dropped): retried too
+                self._store_unavailable(exc)
+                continue
+            self._store_available()
             if job is None:
                 self.notifier.status(self._status_line())
                 self.wake.wait(self._idle_wait())
                 self.wake.clear()
                 continue
             self.runner.process_guarded(job, self.supervisor, self._tick)
+
+    def _reap_expired(self) -> None:
+        """Take back jobs whose host stopped renewing their lease; a few times per lease."""
+        assert self.store is not None and self.runner is not None
+        if time.monotonic() < self._next_reap:
+            return
+        self._next_reap = time.monotonic() + self._reap_interval()
+        if taken := self.runner.reap_expired():
+            log.info("jobs taken back from hosts whose lease expired", jobs=taken)
+
+    def _reap_interval(self) -> float:
+        assert self.store is not None
+        return min(max(self.store.lease_seconds / 4, 0.5), 15.0)
 
     def _ensure_worker(self) -> bool:
         """Start a worker again after one was lost, before claiming: the model is warm when the next
@@ -257,9 +358,13 @@ class Daemon:
 
     def _idle_wait(self) -> float:
         assert self.store is not None
-        next_at = self.store.next_claimable_at()
+        try:
+            next_at = self.store.next_claimable_at()
+        except JobStoreError:
+            next_at = 0.0  # try again soon: the main loop backs off
         ping_in = self.notifier.seconds_to_next_ping()
         wait = 5.0 if ping_in is None else min(5.0, max(0.05, ping_in))
+        wait = min(wait, max(0.05, self._next_reap - time.monotonic()))
         if next_at is not None:
             wait = min(wait, max(0.05, next_at - time.time()))
         return wait
@@ -288,8 +393,9 @@ class Daemon:
         self.config = new
         self.notifier.set_watchdog_seconds(new.watchdog_seconds)
         self.rules = InboxRules(new.inboxes)
-        assert self.watcher is not None and self.runner is not None
+        assert self.watcher is not None and self.runner is not None and self.store is not None
         self.runner.rules = self.rules
+        self.store.set_inboxes({i.inbox_id: i.path for i in new.inboxes})
         self.runner.configure(new.jobs)
         self.watcher.update_inboxes(self._inboxes(new))
         if new.engine != old.engine:
@@ -308,7 +414,10 @@ class Daemon:
         # The old engine is started again by _ensure_worker, which exits cleanly if even it fails now.
 
     def _status_line(self) -> str:
-        counts = self.store.counts() if self.store else {}
+        try:
+            counts = self.store.counts() if self.store else {}
+        except JobStoreError as exc:
+            return f"job database unavailable: {exc}"[:200]
         current = self.runner.current if self.runner else None
         running = f"transcribing {current.path.name}" if current else "idle"
         return f"{running}; {counts.get('queued', 0)} queued, {counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
@@ -331,6 +440,10 @@ class Daemon:
             inboxes=[str(i.path) for i in self.config.inboxes],
             stopping=self.stop_requested,
             unrecognised_files=self._unrecognised_existing(),
+            host_id=self.host_id or None,
+            job_store=self.store.location if self.store else None,
+            job_store_down_since=(time.time() - (time.monotonic() - self.store_down_since)
+                                  if self.store_down_since is not None else None),
         )
         try:
             atomic_write_text(self.config.state_dir / STATUS_FILE, status.to_json())

@@ -1,4 +1,8 @@
-"""`whisperd status`: read the job store and the daemon's status file; works whether the daemon runs or not."""
+"""`whisperd status`: read the job store and the daemon's status file; works whether the daemon runs or not.
+
+Everything about jobs is read through the job store, so with a shared (PostgreSQL) store the counts
+are the whole cluster's and each running job names the host that runs it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from whisperd.jobstore import Job, JobStore, JobStoreError
+from whisperd.jobstore import Job, JobStore, JobStoreError, SqliteJobStore, read_host_id
 
 STATUS_FILE = "daemon.json"
 STATUS_REFRESH_SECONDS = 15.0  # the daemon rewrites its status file at least this often while it runs
@@ -31,6 +36,9 @@ class DaemonStatus:
     inboxes: list[str] = field(default_factory=list)
     stopping: bool = False
     unrecognised_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    host_id: str | None = None
+    job_store: str | None = None  # where the jobs are (no password)
+    job_store_down_since: float | None = None  # epoch seconds; None while the database is reachable
 
     def to_json(self) -> str:
         # ensure_ascii: a name that is not UTF-8 is kept as an escape, never an encoding error.
@@ -60,21 +68,9 @@ def _job_summary(job: Job) -> dict[str, Any]:
     return {
         "id": job.id, "path": str(job.path), "state": job.state, "attempts": job.attempts,
         "error": job.last_error, "language": job.language, "audio_seconds": job.audio_seconds,
-        "wall_seconds": job.wall_seconds, "finished_at": job.finished_at,
+        "wall_seconds": job.wall_seconds, "finished_at": job.finished_at, "host": job.owner,
+        "lease_expires": job.lease_expires,
     }
-
-
-def _recent_done_ids(db: Path, limit: int) -> list[int]:
-    """Ids of the last jobs done. JobStore has no query for these yet, so ask SQLite directly
-    (read-only, and only for ids: the rows are still read through JobStore)."""
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
-    try:
-        rows = conn.execute(
-            "SELECT id FROM jobs WHERE state = 'done' ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,)
-        ).fetchall()
-    finally:
-        conn.close()
-    return [int(r[0]) for r in rows]
 
 
 def _read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
@@ -88,30 +84,35 @@ def _read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
     return {**asdict(status), "alive": bool(status.pid) and pid_alive(int(status.pid))}
 
 
-def collect_status(state_dir: Path, failures: int = 10, recent: int = 10) -> dict[str, Any]:
+def collect_status(state_dir: Path, failures: int = 10, recent: int = 10,
+                   open_store: Callable[[], JobStore] | None = None) -> dict[str, Any]:
     """Daemon liveness (from its status file) and the queue (from the job store), as plain data.
 
-    `recent` lists the last jobs done, with their attempts: after a retry, that is where one sees
-    that the job finished and how many tries it took.
+    `open_store` opens the configured store; without it, the SQLite file in `state_dir` is read
+    if there is one. `recent` lists the last jobs done, with their attempts: after a retry, that
+    is where one sees that the job finished and how many tries it took.
     """
-    db = state_dir / "jobs.sqlite3"
-    report: dict[str, Any] = {"state_dir": str(state_dir), "daemon": _read_daemon_file(state_dir), "counts": {},
+    report: dict[str, Any] = {"state_dir": str(state_dir), "daemon": _read_daemon_file(state_dir),
+                              "host_id": read_host_id(state_dir), "job_store": None, "counts": {},
                               "running": [], "failures": [], "recent": [], "error": None}
-    if not db.exists():
-        return report
+    if open_store is None:
+        db = state_dir / "jobs.sqlite3"
+        if not db.exists():
+            return report
+        open_store = lambda: SqliteJobStore(db, host_id=report["host_id"] or "status")  # noqa: E731
     try:
-        store = JobStore(db)
+        store = open_store()
+        report["job_store"] = store.location
     except (sqlite3.Error, JobStoreError, OSError) as exc:
-        report["error"] = f"cannot open the job database {db}: {exc}"
+        report["error"] = f"cannot open the job database: {exc}"
         return report
     try:
         report["counts"] = store.counts()
         report["running"] = [_job_summary(j) for j in store.running()]
         report["failures"] = [_job_summary(j) for j in store.recent_failures(failures)]
-        jobs = (store.get(i) for i in _recent_done_ids(db, recent)) if recent > 0 else ()
-        report["recent"] = [_job_summary(j) for j in jobs if j is not None]
-    except sqlite3.Error as exc:
-        report["error"] = f"cannot read the job database {db}: {exc}"
+        report["recent"] = [_job_summary(j) for j in store.recent_done(recent)] if recent > 0 else []
+    except (sqlite3.Error, JobStoreError) as exc:
+        report["error"] = f"cannot read the job database {store.location}: {exc}"
     finally:
         store.close()
     return report
@@ -148,12 +149,20 @@ def format_status(report: dict[str, Any]) -> str:
         updated = daemon.get("updated_at") or 0
         if time.time() - updated > 4 * STATUS_REFRESH_SECONDS:
             lines.append(f"warning: the daemon last updated its status {_ago(updated)}; it may be stuck")
+        if daemon.get("job_store_down_since"):
+            lines.append(f"warning: the job database is unavailable since {_ago(daemon['job_store_down_since'])}; "
+                         "the daemon keeps retrying")
+    shared = str(report.get("job_store") or "").startswith("postgresql")
+    if shared:
+        lines.append(f"job store: {report['job_store']} (shared by every host); this host: {report.get('host_id')}")
     if report.get("error"):
         lines.append(f"error: {report['error']}")
     counts = report["counts"]
-    lines.append("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed", "superseded")))
+    lines.append(("jobs (all hosts): " if shared else "jobs: ")
+                 + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed", "superseded")))
     for job in report["running"]:
-        lines.append(f"running: {shown(job['path'])} (attempt {job['attempts'] + 1})")
+        host = f", host {job['host']}" if shared and job.get("host") else ""
+        lines.append(f"running: {shown(job['path'])} (attempt {job['attempts'] + 1}{host})")
     if report.get("recent"):
         lines.append("recently done:")
         for job in report["recent"]:

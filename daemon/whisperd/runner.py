@@ -232,9 +232,7 @@ class JobRunner:
         try:
             st = path.stat()
         except FileNotFoundError:
-            self._record(lambda: self.store.mark_superseded(job.id, "the file was deleted before it was transcribed",
-                                                            token=job.token))
-            bound.info("job dropped", result="deleted")
+            self._dropped_deleted(job)
             return
         except OSError as exc:
             self.fail(job, f"{path.name}: cannot read ({exc.strerror or exc})")
@@ -264,9 +262,7 @@ class JobRunner:
                                 inbox.follow_links_outside if inbox else False) as recording:
                 audio_seconds = probe_duration(recording.read_path)
         except FileNotFoundError:
-            self._record(lambda: self.store.mark_superseded(job.id, "the file was deleted before it was transcribed",
-                                                            token=job.token))
-            bound.info("job dropped", result="deleted")
+            self._dropped_deleted(job)
             return
         except RecordingRefused as exc:
             self.fail(job, str(exc))
@@ -289,6 +285,11 @@ class JobRunner:
         finally:
             self.current = None
         self.record(job, outcome, rules)
+
+    def _dropped_deleted(self, job: Job) -> None:
+        self._record(lambda: self.store.mark_superseded(job.id, "the file was deleted before it was transcribed",
+                                                        token=job.token))
+        log.info("job dropped", job_id=job.id, path=str(job.path), result="deleted")
 
     def _finished_before_restart(self, job: Job, st: os.stat_result, formats: tuple[str, ...]) -> bool:
         """A job interrupted after its outputs were renamed into place (killed before it was recorded

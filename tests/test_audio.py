@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import whisperd.audio
-from whisperd.audio import MIN_DECODED_SECONDS, AudioDecodeError, decode_audio, probe_duration
+from whisperd.audio import MIN_DECODED_SECONDS, AudioDecodeError, decode_audio, probe_duration, stream_audio
 from whisperd.evaluation import ClipFetchError, DevClip, fetch_clips, load_manifest
 
 SR = 16000
@@ -247,6 +247,61 @@ def test_format_change_mid_stream(
         audio = decode_audio(glued)
     check_waveform(audio)
     assert abs(audio.size / SR - 6.0) <= 0.15
+
+
+# --- streaming ----------------------------------------------------------------------
+
+
+def assert_streams_like_decode(path: Path, block_samples: int) -> list[np.ndarray]:
+    blocks = list(stream_audio(path, block_samples=block_samples))
+    assert blocks and all(b.size == block_samples for b in blocks[:-1]) and 0 < blocks[-1].size <= block_samples
+    for block in blocks:
+        check_waveform(block)
+    reference = decode_audio(path)
+    joined = np.concatenate(blocks)
+    assert joined.size == reference.size and np.array_equal(joined, reference)  # bit for bit, not close
+    return blocks
+
+
+@pytest.mark.parametrize("clip_id", ["en_mfa_michaelandsickmichael", "en_commonvoice_22058266",
+                                     "es_mls_13697_11991_000000"])  # stereo wav, mp3, 48 kHz opus
+def test_stream_blocks_join_into_the_decoded_audio(clip_id: str) -> None:
+    blocks = assert_streams_like_decode(clip(clip_id).path, 16000)
+    assert len(blocks) > 2
+
+
+def test_stream_of_a_reencoded_m4a(tmp_path: Path, stereo_44k: np.ndarray) -> None:
+    # AAC overshoots [-1, 1] and is resampled from 44.1 kHz: clipping and the resampler's tail
+    # must come out the same in blocks.
+    path = encode(tmp_path / "speech.m4a", stereo_44k * 1.5, 44100, "aac", "stereo", 128_000)
+    assert_streams_like_decode(path, 5000)
+    assert_streams_like_decode(path, 1 << 20)  # one short block
+
+
+def test_stream_of_a_damaged_file_warns_once_and_matches(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = bytearray(clip("es_mls_13697_11991_000000").path.read_bytes())
+    start = len(data) // 3
+    data[start : start + 3000] = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    path = tmp_path / "damaged.opus"
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="whisperd.audio"):
+        blocks = list(stream_audio(path, block_samples=7000))
+    assert [r.getMessage() for r in caplog.records if "damaged audio" in r.getMessage()] != []
+    assert np.array_equal(np.concatenate(blocks), decode_audio(path))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="whisperd.audio"):
+        assert sum(b.size for b in stream_audio(path, block_samples=7000, log_damage=False)) == sum(map(len, blocks))
+    assert not caplog.records
+
+
+def test_stream_of_a_too_short_file_raises_before_any_block(tmp_path: Path, source_speech: np.ndarray) -> None:
+    path = tmp_path / "blip.wav"
+    encode(path, source_speech[None, 20000 : 20000 + int(MIN_DECODED_SECONDS * SR / 2)], SR, "pcm_s16le", "mono")
+    blocks = stream_audio(path, block_samples=100)
+    with pytest.raises(AudioDecodeError, match="ms of audio could be decoded"):
+        next(blocks)
+    with pytest.raises(AudioDecodeError, match="file not found"):
+        next(stream_audio(tmp_path / "missing.wav"))
 
 
 # --- broken input -------------------------------------------------------------------

@@ -9,7 +9,16 @@ import torch
 from whisperd.engine.pipeline import covered_intervals, repeats_text, text_over, uncovered_speech
 from whisperd.evaluation.meeting import build_meeting
 from whisperd.transcript import Segment, Word
-from whisperd.vad import SAMPLING_RATE, Span, Window, load_silero_onnx, speech_probabilities
+from whisperd.vad import (
+    BLOCK_ALIGN,
+    SAMPLING_RATE,
+    SpeechDetector,
+    Span,
+    Window,
+    frame_levels_db,
+    load_silero_onnx,
+    speech_probabilities,
+)
 
 S = SAMPLING_RATE
 
@@ -43,6 +52,36 @@ def test_short_audio(samples: int) -> None:
     probs = speech_probabilities(load_silero_onnx(), np.zeros(samples, dtype=np.float32))
     assert len(probs) == -(-samples // 512)
     assert all(p < 0.3 for p in probs)
+
+
+def test_scan_in_blocks_equals_the_whole_file_exactly() -> None:
+    """A long recording is scanned ~10 minutes at a time: nothing may change but the memory used."""
+    audio = build_meeting(seed=0).audio  # 211 s: five blocks of BLOCK_ALIGN (~50 s) and a short one
+    detector = SpeechDetector()
+    whole = speech_probabilities(load_silero_onnx(), audio)
+    scan = detector.scan()
+    blocks = [audio[start:start + BLOCK_ALIGN] for start in range(0, len(audio), BLOCK_ALIGN)]
+    assert len(blocks) >= 4
+    for block in blocks:
+        scan.add(block.copy())
+    assert np.array_equal(np.concatenate(scan._probs), whole)
+    levels = np.concatenate(scan._levels)
+    frames = audio[: len(audio) // 320 * 320].reshape(-1, 320).astype(np.float64)
+    assert np.array_equal(levels, 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12))
+    assert np.array_equal(frame_levels_db(audio), levels)
+    spans = scan.spans()
+    assert len(spans) > 10 and spans == detector.speech_spans(audio)
+    # The whole file in one piece, as speech_spans took it before it worked in blocks:
+    one = detector.scan()
+    one.add(audio)
+    assert one.spans() == spans
+
+
+def test_scan_refuses_a_block_that_would_shift_the_streams() -> None:
+    scan = SpeechDetector().scan()
+    scan.add(np.zeros(BLOCK_ALIGN - 320, dtype=np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        scan.add(np.zeros(BLOCK_ALIGN, dtype=np.float32))
 
 
 # -- skipped speech -----------------------------------------------------------------------------

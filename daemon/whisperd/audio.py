@@ -13,7 +13,9 @@ that matter for a daemon fed by users' inbox folders:
   returned with a ``logging`` warning (only a file that yields no audio raises);
 * memory stays near one copy of the output: packets are read from disk one at a
   time, the resampler emits float32 directly (no s16 round trip), and its output is
-  written into one array preallocated from the header's duration;
+  written into one array preallocated from the header's duration; and
+  :func:`stream_audio` hands the same samples out in fixed-size blocks, so that a
+  recording of a whole day never has to be in memory at once;
 * multichannel audio is downmixed with a normalised matrix, (L + R) / 2 for stereo,
   as ``ffmpeg -ac 1`` does (see :class:`_ResampleGroup` for why not
   ``av.AudioResampler``).
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import av.filter
 import numpy as np
 
-__all__ = ["MIN_DECODED_SECONDS", "AudioDecodeError", "decode_audio", "probe_duration"]
+from whisperd.errors import WhisperdError
+
+__all__ = ["MIN_DECODED_SECONDS", "AudioDecodeError", "decode_audio", "probe_duration", "stream_audio"]
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +52,59 @@ _BATCH_SAMPLES = 1 << 16
 _MAX_PREALLOCATED_SECONDS = 4 * 3600
 
 
-class AudioDecodeError(Exception):
+class AudioDecodeError(WhisperdError):
     """A file could not be turned into audio; ``str(err)`` is ``"<file name>: <reason>"``.
 
     ``path`` is the file, ``reason`` the human explanation without the file name, so
-    callers can log, show or store either part.
+    callers can log, show or store either part. Permanent: the same bytes fail the same way.
     """
+
+    permanent = True
 
     def __init__(self, path: Path | str, reason: str) -> None:
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path.name}: {reason}")
+
+
+def stream_audio(path: Path | str, sampling_rate: int = 16000, block_samples: int = 1 << 20, *,
+                 log_damage: bool = True) -> Iterator[np.ndarray]:
+    """Decode ``path`` as :func:`decode_audio` does, handing out consecutive blocks of ``block_samples``.
+
+    For recordings too long to hold in memory: peak memory is one block plus the decoder's
+    own buffers, whatever the length of the file. The blocks are owned float32 arrays, all
+    of ``block_samples`` except the last, and their concatenation is exactly what
+    :func:`decode_audio` returns. Errors are the same, raised while iterating; a file that
+    is too short raises before any block is handed out. ``log_damage=False`` leaves the
+    damage warning out, for a second pass over a file that has been warned about once.
+    """
+    if block_samples < 1:
+        raise ValueError(f"block_samples must be positive, got {block_samples}")
+    decoder = _Decoder(Path(path), sampling_rate)
+    enough = MIN_DECODED_SECONDS * sampling_rate
+    held: list[np.ndarray] = []  # full blocks not handed out until the file is known to be long enough
+    block = np.empty(block_samples, dtype=np.float32)
+    filled = total = 0
+    for piece in decoder.pieces():
+        while piece.size:
+            take = min(piece.size, block_samples - filled)
+            block[filled : filled + take] = piece[:take]
+            piece = piece[take:]
+            filled += take
+            total += take
+            if filled == block_samples:
+                np.clip(block, -1.0, 1.0, out=block)
+                held.append(block)
+                block = np.empty(block_samples, dtype=np.float32)
+                filled = 0
+                while held and total >= enough:
+                    yield held.pop(0)
+    decoder.check(total, log_damage)
+    while held:
+        yield held.pop(0)
+    if filled:
+        block.resize(filled, refcheck=False)
+        yield np.clip(block, -1.0, 1.0, out=block)
 
 
 def decode_audio(path: Path | str, sampling_rate: int = 16000) -> np.ndarray:
@@ -68,71 +115,95 @@ def decode_audio(path: Path | str, sampling_rate: int = 16000) -> np.ndarray:
     an audio stream, and a file that yields less than :data:`MIN_DECODED_SECONDS` of
     audio. A file damaged part-way returns the audio decoded around the damage and
     logs a warning, because a partial transcript of a long recording beats none.
+    The whole recording is held in memory; :func:`stream_audio` does not.
     """
-    path = Path(path)
-    _check_readable(path)
-    try:
-        container = av.open(str(path), mode="r", metadata_errors="ignore")
-    except av.error.FFmpegError as exc:
-        raise AudioDecodeError(path, _open_failure_reason(path, exc)) from exc
-
-    skipped_packets = 0
-    packet_error: Exception | None = None
-    stopped_by: Exception | None = None
-    with container:
-        if not container.streams.audio:
-            kinds = ", ".join(sorted({str(s.type) for s in container.streams})) or "no streams at all"
-            raise AudioDecodeError(path, f"no audio stream (found: {kinds})")
-        stream = container.streams.audio[0]
-        declared = _declared_seconds(container, stream)
-        out = _Buffer(int(min(declared or 30.0, _MAX_PREALLOCATED_SECONDS) * sampling_rate * 1.01) + sampling_rate)
-
-        group: _ResampleGroup | None = None
-        try:
-            for packet in container.demux(stream):
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError as exc:
-                    # One corrupt packet (bad CRC, garbage between mp3 frames, ...):
-                    # skip it like ffmpeg's command line does and keep going.
-                    skipped_packets += 1
-                    packet_error = exc
-                    continue
-                for frame in frames:
-                    if not isinstance(frame, av.AudioFrame):
-                        continue
-                    if group is None or not group.accepts(frame):
-                        # First frame, or the parameters changed mid-stream
-                        # (concatenated mp3s, HE-AAC switching, ...): a resampler is
-                        # fixed to its first frame's, so finish it and start afresh.
-                        if group is not None:
-                            group.finish(out)
-                        group = _ResampleGroup(frame, sampling_rate)
-                    group.add(frame, out)
-        except (av.error.FFmpegError, OSError) as exc:
-            # The demuxer itself failed (truncated container, I/O error): nothing after
-            # this point is reachable, so stop and keep what we have.
-            stopped_by = exc
-        if group is not None:
-            group.finish(out)
-
-    audio = out.finish()
-    decoded = audio.size / sampling_rate
-    if decoded < MIN_DECODED_SECONDS:
-        raise AudioDecodeError(path, _too_short_reason(decoded, declared, skipped_packets, packet_error, stopped_by))
-
-    problems = []
-    if skipped_packets:
-        problems.append(f"skipped {skipped_packets} corrupt packet(s)")
-    if stopped_by is not None:
-        problems.append(f"stopped early ({_ffmpeg_message(stopped_by)})")
-    if declared is not None and decoded < declared - max(1.0, 0.1 * declared):
-        # Silent truncation (a copy cut short) shows only here. Header durations of
-        # VBR mp3s without an index are bitrate estimates, hence the wide margin.
-        problems.append(f"the header says {declared:.2f} s (truncated?)")
-    if problems:
-        log.warning("%s: damaged audio, %s; using the %.2f s that decoded", path.name, "; ".join(problems), decoded)
+    decoder = _Decoder(Path(path), sampling_rate)
+    out: _Buffer | None = None
+    for piece in decoder.pieces():
+        if out is None:  # the header has been read: size the buffer from it
+            seconds = min(decoder.declared or 30.0, _MAX_PREALLOCATED_SECONDS)
+            out = _Buffer(int(seconds * sampling_rate * 1.01) + sampling_rate)
+        out.append(piece)
+    audio = out.finish() if out is not None else np.zeros(0, dtype=np.float32)
+    decoder.check(audio.size, log_damage=True)
     return audio
+
+
+class _Decoder:
+    """One pass of demuxing, decoding and resampling a file, and what went wrong on the way."""
+
+    def __init__(self, path: Path, sampling_rate: int) -> None:
+        self.path = path
+        self.sampling_rate = sampling_rate
+        self.declared: float | None = None
+        self.skipped_packets = 0
+        self.packet_error: Exception | None = None
+        self.stopped_by: Exception | None = None
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """Mono float32 samples as the resampler emits them (not yet clipped), in order."""
+        path = self.path
+        _check_readable(path)
+        try:
+            container = av.open(str(path), mode="r", metadata_errors="ignore")
+        except av.error.FFmpegError as exc:
+            raise AudioDecodeError(path, _open_failure_reason(path, exc)) from exc
+
+        with container:
+            if not container.streams.audio:
+                kinds = ", ".join(sorted({str(s.type) for s in container.streams})) or "no streams at all"
+                raise AudioDecodeError(path, f"no audio stream (found: {kinds})")
+            stream = container.streams.audio[0]
+            self.declared = _declared_seconds(container, stream)
+
+            group: _ResampleGroup | None = None
+            try:
+                for packet in container.demux(stream):
+                    try:
+                        frames = packet.decode()
+                    except av.error.FFmpegError as exc:
+                        # One corrupt packet (bad CRC, garbage between mp3 frames, ...):
+                        # skip it like ffmpeg's command line does and keep going.
+                        self.skipped_packets += 1
+                        self.packet_error = exc
+                        continue
+                    for frame in frames:
+                        if not isinstance(frame, av.AudioFrame):
+                            continue
+                        if group is None or not group.accepts(frame):
+                            # First frame, or the parameters changed mid-stream
+                            # (concatenated mp3s, HE-AAC switching, ...): a resampler is
+                            # fixed to its first frame's, so finish it and start afresh.
+                            if group is not None:
+                                yield from group.finish()
+                            group = _ResampleGroup(frame, self.sampling_rate)
+                        yield from group.add(frame)
+            except (av.error.FFmpegError, OSError) as exc:
+                # The demuxer itself failed (truncated container, I/O error): nothing after
+                # this point is reachable, so stop and keep what we have.
+                self.stopped_by = exc
+            if group is not None:
+                yield from group.finish()
+
+    def check(self, samples: int, log_damage: bool) -> None:
+        """Raise if too little decoded; warn about damage the decoding went around."""
+        decoded = samples / self.sampling_rate
+        if decoded < MIN_DECODED_SECONDS:
+            raise AudioDecodeError(self.path, _too_short_reason(decoded, self.declared, self.skipped_packets,
+                                                                self.packet_error, self.stopped_by))
+        problems = []
+        if self.skipped_packets:
+            problems.append(f"skipped {self.skipped_packets} corrupt packet(s)")
+        if self.stopped_by is not None:
+            problems.append(f"stopped early ({_ffmpeg_message(self.stopped_by)})")
+        declared = self.declared
+        if declared is not None and decoded < declared - max(1.0, 0.1 * declared):
+            # Silent truncation (a copy cut short) shows only here. Header durations of
+            # VBR mp3s without an index are bitrate estimates, hence the wide margin.
+            problems.append(f"the header says {declared:.2f} s (truncated?)")
+        if problems and log_damage:
+            log.warning("%s: damaged audio, %s; using the %.2f s that decoded",
+                        self.path.name, "; ".join(problems), decoded)
 
 
 def probe_duration(path: Path | str) -> float | None:
@@ -249,8 +320,7 @@ class _Buffer:
         self.array = np.empty(max(capacity, 1), dtype=np.float32)
         self.size = 0
 
-    def append(self, frame: av.AudioFrame) -> None:
-        samples = frame.to_ndarray().reshape(-1)  # "flt" mono: one packed plane
+    def append(self, samples: np.ndarray) -> None:
         end = self.size + samples.size
         if end > self.array.size:
             self.array.resize(max(end, int(self.array.size * 1.5)), refcheck=False)
@@ -307,19 +377,19 @@ class _ResampleGroup:
     def accepts(self, frame: av.AudioFrame) -> bool:
         return self._key(frame) == self.key
 
-    def add(self, frame: av.AudioFrame, out: _Buffer) -> None:
+    def add(self, frame: av.AudioFrame) -> Iterator[np.ndarray]:
         frame.pts = None  # timestamps are irrelevant here; the fifo would reject gaps
         self.fifo.write(frame)
         if self.fifo.samples >= _BATCH_SAMPLES:
-            self._convert(self.fifo.read(), out)
+            yield from self._convert(self.fifo.read())
 
-    def finish(self, out: _Buffer) -> None:
+    def finish(self) -> Iterator[np.ndarray]:
         """Convert what is left, then flush the resampler's buffered tail."""
         if self.fifo.samples:
-            self._convert(self.fifo.read(), out)
-        self._convert(None, out)
+            yield from self._convert(self.fifo.read())
+        yield from self._convert(None)
 
-    def _convert(self, frame: av.AudioFrame | None, out: _Buffer) -> None:
+    def _convert(self, frame: av.AudioFrame | None) -> Iterator[np.ndarray]:
         self.graph.push(frame)
         while True:
             try:
@@ -327,4 +397,4 @@ class _ResampleGroup:
             except (av.error.BlockingIOError, av.error.EOFError):  # needs more input / drained
                 return
             assert isinstance(converted, av.AudioFrame)
-            out.append(converted)
+            yield converted.to_ndarray().reshape(-1)  # "flt" mono: one packed plane

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whisperd.atomic import mode_like
-from whisperd.audio import AudioDecodeError, decode_audio
+from whisperd.audio import AudioDecodeError
 from whisperd.engine import Engine
 from whisperd.options import DecodeOptions
 from whisperd.outputs import write_outputs
@@ -53,8 +53,7 @@ def transcribe_file(engine: Engine, path: Path, options: DecodeOptions, formats:
 def _transcribe_recording(engine: Engine, read_path: Path, path: Path, options: DecodeOptions) -> Transcript:
     """Decode and transcribe the open recording; errors name the recording, not the descriptor."""
     try:
-        audio = decode_audio(read_path)
-        transcript = engine.transcribe(audio, options)
+        transcript = engine.transcribe_path(read_path, options)
     except AudioDecodeError as exc:
         raise AudioDecodeError(path, exc.reason) from exc
     return transcript

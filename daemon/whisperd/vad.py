@@ -7,6 +7,7 @@ subtitle starts in sync.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -76,40 +77,91 @@ class SpeechDetector:
 
     def speech_spans(self, audio: np.ndarray) -> list[Span]:
         """Speech found by Silero, plus loud stretches it left out (decoded; the model's gates judge them)."""
-        spans = self._detect(audio)
-        if self.options.rescue_db_above_floor > 0:
-            spans = sorted(spans + loud_runs_outside(audio, spans, self.options), key=lambda s: s.start)
-        return spans
+        scan = self.scan()
+        for start in range(0, len(audio), BLOCK_SAMPLES):
+            scan.add(audio[start : start + BLOCK_SAMPLES])
+        return scan.spans()
 
-    def _detect(self, audio: np.ndarray) -> list[Span]:
+    def scan(self) -> SpeechScan:
+        """A scan to feed a recording block by block (see SpeechScan)."""
+        return SpeechScan(self)
+
+    def probabilities(self, audio: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
+        """speech_probabilities with this detector's model (one caller at a time: the model has state)."""
+        with self._lock:
+            return speech_probabilities(self._load(), audio, before)
+
+
+class SpeechScan:
+    """Speech detection over a recording that arrives in blocks, so that it is never all in memory.
+
+    Only what the decision needs is kept: a speech probability per 32 ms and a level per 20 ms
+    (about 20 MB for ten hours). Every block but the last must be a multiple of BLOCK_ALIGN
+    samples long; the probabilities and levels are then exactly those of a scan of the whole
+    file, and so are the spans, which are worked out once at the end because the rescue of loud
+    runs compares against the noise floor of the whole recording.
+    """
+
+    def __init__(self, detector: SpeechDetector) -> None:
+        self.detector = detector
+        self.samples = 0
+        self._probs: list[np.ndarray] = []
+        self._levels: list[np.ndarray] = []
+        self._tail = np.zeros(0, dtype=np.float32)  # the end of the last block: the next one's warm-up
+
+    def add(self, block: np.ndarray) -> None:
+        if self.samples % BLOCK_ALIGN:
+            raise ValueError(f"only the last block may be shorter than a multiple of {BLOCK_ALIGN} samples")
+        self._probs.append(self.detector.probabilities(block, self._tail))
+        self._levels.append(frame_levels_db(block))
+        self._tail = block[-STREAM_WARM_UP_CHUNKS * VAD_CHUNK :].copy()
+        self.samples += len(block)
+
+    def spans(self) -> list[Span]:
+        """Speech found by Silero, plus loud stretches it left out (decoded; the model's gates judge them)."""
         from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
-        opts = self.options
+        opts = self.detector.options
         # Leave room for the window padding so a maximal span still fits in 30 s.
         max_span = opts.max_window_seconds - 2 * opts.window_pad_seconds - 0.1
-        with self._lock:
-            probs = speech_probabilities(self._load(), audio)
+        probs = np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float32)
+        self._probs = [probs]  # one copy, not two, while the spans are worked out
         stamps = get_speech_timestamps_from_probs(
-            probs,
+            # It only iterates; Python floats, as a float32 would meet the threshold in float32, and
+            # made one at a time, as a list of them would be 8 times the array (36 MB for 10 hours).
+            (float(p) for p in probs),  # type: ignore[arg-type]
             sampling_rate=SAMPLING_RATE,
             threshold=opts.threshold,
             min_speech_duration_ms=int(opts.min_speech_seconds * 1000),
             min_silence_duration_ms=int(opts.min_silence_seconds * 1000),
             speech_pad_ms=int(opts.speech_pad_seconds * 1000),
             max_speech_duration_s=max_span,
-            audio_length_samples=len(audio),
+            audio_length_samples=self.samples,
         )
-        return [Span(int(s["start"]), int(s["end"])) for s in stamps]
+        spans = [Span(int(s["start"]), int(s["end"])) for s in stamps]
+        if opts.rescue_db_above_floor > 0:
+            levels = np.concatenate(self._levels) if self._levels else np.zeros(0)
+            self._levels = [levels]
+            spans = sorted(spans + loud_runs_outside(levels, self.samples, spans, opts), key=lambda s: s.start)
+        return spans
 
 
 VAD_CHUNK = 512  # samples per Silero step at 16 kHz
 STREAM_SECONDS = 10.0  # audio per parallel stream
+STREAM_CHUNKS = int(STREAM_SECONDS * SAMPLING_RATE) // VAD_CHUNK
 STREAM_WARM_UP_CHUNKS = 160  # ~5 s of audio before a stream's first chunk, to settle its state
+FRAME = 320  # 20 ms, for levels
+# Blocks that start at a multiple of this (whole streams and whole frames; ~50 s) are scanned
+# exactly as they would be within the whole file.
+BLOCK_ALIGN = math.lcm(STREAM_CHUNKS * VAD_CHUNK, FRAME)
+# ~200 s (13 MB): the scan of an hour takes 5% longer than with 10-minute blocks, which would
+# hold three times the memory.
+BLOCK_SAMPLES = 4 * BLOCK_ALIGN
 
 
-def speech_probabilities(model, audio: np.ndarray) -> list[float]:  # noqa: ANN001 - silero's OnnxWrapper
+def speech_probabilities(model, audio: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
     """Silero's speech probability for every 512-sample chunk, as `get_speech_timestamps` computes it,
-    but for many stretches of the file at once.
+    but for many stretches of the file at once (`model`: silero's OnnxWrapper).
 
     Silero is a recurrent model stepped 32 ms at a time, and one ONNX call per step is most of the
     VAD's cost on a long file. The file is cut into 10 s streams run side by side as one batch
@@ -117,50 +169,63 @@ def speech_probabilities(model, audio: np.ndarray) -> list[float]:  # noqa: ANN0
     has settled by its first own chunk. The speech/non-speech decision still differs from a single
     pass on about 0.5 % of the chunks, as much as starting a single pass after one second of
     silence changes it: the model's state never quite forgets (tests/test_vad.py bounds this).
+
+    `before` is the audio that precedes `audio` in the file (its last 5 s are the first streams'
+    warm-up; without it they warm up on silence, as the start of a file does). For audio that
+    starts at a multiple of STREAM_CHUNKS chunks, this gives exactly the probabilities of a call
+    on the whole file: every stream sees the same samples either way.
     """
     import torch
 
     chunks = -(-len(audio) // VAD_CHUNK)
     if chunks == 0:
-        return []
-    padded = np.zeros((chunks + STREAM_WARM_UP_CHUNKS) * VAD_CHUNK, dtype=np.float32)
-    padded[STREAM_WARM_UP_CHUNKS * VAD_CHUNK:STREAM_WARM_UP_CHUNKS * VAD_CHUNK + len(audio)] = audio
-    per_stream = max(1, int(STREAM_SECONDS * SAMPLING_RATE) // VAD_CHUNK)
-    streams = -(-chunks // per_stream)
-    steps = per_stream + STREAM_WARM_UP_CHUNKS
-    # Stream b covers chunks [b * per_stream, (b + 1) * per_stream) of the file, preceded by its warm-up.
-    grid = np.zeros((streams, steps, VAD_CHUNK), dtype=np.float32)
-    for b in range(streams):
-        first = b * per_stream  # in `padded` chunk units this is the warm-up start
-        piece = padded[first * VAD_CHUNK:(first + steps) * VAD_CHUNK]
-        grid[b, :len(piece) // VAD_CHUNK] = piece[: (len(piece) // VAD_CHUNK) * VAD_CHUNK].reshape(-1, VAD_CHUNK)
+        return np.zeros(0, dtype=np.float32)
+    streams = -(-chunks // STREAM_CHUNKS)
+    steps = STREAM_CHUNKS + STREAM_WARM_UP_CHUNKS
+    warm_up = STREAM_WARM_UP_CHUNKS * VAD_CHUNK
+    # The warm-up, the audio, and silence up to a whole number of streams, as rows of one chunk.
+    padded = np.zeros(warm_up + streams * STREAM_CHUNKS * VAD_CHUNK, dtype=np.float32)
+    if before is not None and len(before):
+        tail = before[-warm_up:]
+        padded[warm_up - len(tail) : warm_up] = tail
+    padded[warm_up : warm_up + len(audio)] = audio
+    rows = padded.reshape(-1, VAD_CHUNK)
     model.reset_states(streams)
     out = np.empty((streams, steps), dtype=np.float32)
     for step in range(steps):
-        out[:, step] = model(torch.from_numpy(grid[:, step]), SAMPLING_RATE).numpy().reshape(-1)
-    # (The first stream warms up on silence: the file's start is judged as after a pause.)
-    return out[:, STREAM_WARM_UP_CHUNKS:].reshape(-1)[:chunks].tolist()
+        # Stream b covers chunks [b * STREAM_CHUNKS, (b + 1) * STREAM_CHUNKS) of the audio, after its
+        # warm-up: its step-th input is row b * STREAM_CHUNKS + step.
+        batch = np.ascontiguousarray(rows[step : step + streams * STREAM_CHUNKS : STREAM_CHUNKS])
+        out[:, step] = model(torch.from_numpy(batch), SAMPLING_RATE).numpy().reshape(-1)
+    return out[:, STREAM_WARM_UP_CHUNKS:].reshape(-1)[:chunks]
 
 
-FRAME = 320  # 20 ms
+_LEVEL_FRAMES = 1024  # frames per float64 slice in frame_levels_db (2.6 MB)
 
 
 def frame_levels_db(audio: np.ndarray) -> np.ndarray:
+    """Mean power of each whole 20 ms frame, in dB (float64).
+
+    Worked out a slice at a time: a float64 copy of a long recording would be twice its size.
+    Each frame's value depends on its own samples only, so slicing changes nothing.
+    """
     n = len(audio) // FRAME
-    if n == 0:
-        return np.zeros(0)
-    frames = audio[: n * FRAME].reshape(n, FRAME).astype(np.float64)
-    return 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+    levels = np.empty(n)
+    for first in range(0, n, _LEVEL_FRAMES):
+        last = min(n, first + _LEVEL_FRAMES)
+        frames = audio[first * FRAME : last * FRAME].reshape(last - first, FRAME).astype(np.float64)
+        levels[first:last] = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+    return levels
 
 
-def loud_runs_outside(audio: np.ndarray, spans: list[Span], options: VadOptions) -> list[Span]:
+def loud_runs_outside(levels: np.ndarray, total_samples: int, spans: list[Span], options: VadOptions) -> list[Span]:
     """Runs of frames well above the room's noise floor that no detected span covers.
 
     Silero's recurrent state, carried over a long quiet stretch, can miss an odd voice (falsetto,
     a hoarse 'uh' before a sentence) that stands 20 dB above the room. Such runs are handed to the
-    model too; its no-speech and log-probability gates drop what is not speech.
+    model too; its no-speech and log-probability gates drop what is not speech. `levels` are
+    frame_levels_db of the whole recording, `total_samples` its length.
     """
-    levels = frame_levels_db(audio)
     if len(levels) == 0:
         return []
     floor = float(np.percentile(levels, 10))
@@ -176,7 +241,7 @@ def loud_runs_outside(audio: np.ndarray, spans: list[Span], options: VadOptions)
         else:
             runs.append((int(index), int(index) + 1))
     pad = int(options.speech_pad_seconds * SAMPLING_RATE)
-    return [Span(max(0, a * FRAME - pad), min(len(audio), b * FRAME + pad)) for a, b in runs if b - a >= min_run]
+    return [Span(max(0, a * FRAME - pad), min(total_samples, b * FRAME + pad)) for a, b in runs if b - a >= min_run]
 
 
 def load_silero_onnx():  # noqa: ANN201

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -12,12 +13,16 @@ from whisperd.transcript import Transcript
 
 
 class Engine(Protocol):
-    """A loaded model that turns 16 kHz mono float32 samples into a Transcript."""
+    """A loaded model that turns 16 kHz mono float32 samples, or an audio file, into a Transcript."""
 
     settings: EngineSettings
     device: str
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript: ...
+
+    def transcribe_path(self, path: Path | str, options: DecodeOptions) -> Transcript:
+        """The same transcript as `transcribe(decode_audio(path), ...)`, without holding the whole file."""
+        ...
 
     def describe(self) -> dict[str, object]: ...
 

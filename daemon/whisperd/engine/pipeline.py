@@ -7,24 +7,36 @@ decides what reaches the model and what comes back out lives here, once, for eve
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from whisperd.audio import AudioDecodeError, decode_audio, probe_duration, stream_audio
+from whisperd.errors import WhisperdError
 from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Segment, Transcript
-from whisperd.vad import SAMPLING_RATE, Span, SpeechDetector, Window, plan_windows
+from whisperd.vad import (BLOCK_ALIGN, BLOCK_SAMPLES, SAMPLING_RATE, Span, SpeechDetector, SpeechScan, Window,
+                          plan_windows)
 
 NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech to detect a language from
+# Recordings up to this long keep their samples from the speech scan for decoding (38 MB at
+# most); longer ones are decoded from the file a second time, which costs little next to
+# transcribing them (Opus decodes at ~400x real time on one core, WAV and FLAC much faster).
+KEEP_IN_MEMORY_SECONDS = 10 * 60
 
 
-class TranscriptionError(RuntimeError):
+class TranscriptionError(WhisperdError, RuntimeError):
     """A file could not be transcribed for a reason the user can act on (wrong language for the model...)."""
+
+    permanent = True
 
 
 class WindowBackend(Protocol):
@@ -64,21 +76,67 @@ class WindowedEngine:
         return {**self.backend.describe(), "batch_size": self.settings.batch_size}
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
-        duration = len(audio) / SAMPLING_RATE
-        timings: dict[str, float] = {}
+        """Transcribe samples held in memory (16 kHz mono float32)."""
         started = time.perf_counter()
         windows = self._windows(audio, options)
-        timings["vad_seconds"] = time.perf_counter() - started
+        timings = {"vad_seconds": time.perf_counter() - started}
+        pieces = (audio[w.start:w.end] for w in windows)
+        return self._transcribe_windows(windows, pieces, len(audio), options, timings,
+                                        long_form=None if options.vad else audio)
+
+    def transcribe_path(self, path: Path | str, options: DecodeOptions, *, block_samples: int = BLOCK_SAMPLES,
+                        keep_seconds: float = KEEP_IN_MEMORY_SECONDS) -> Transcript:
+        """Transcribe an audio file with memory bounded by `block_samples`, however long the file.
+
+        Pass 1 decodes the file block by block into the speech scan; pass 2 decodes it again and
+        hands each window's samples to the model in order. A recording of up to `keep_seconds`
+        keeps its blocks from pass 1 instead, so the common case decodes once. The segments are
+        exactly those `transcribe` gives for the decoded samples. With VAD off the backend walks
+        the whole file itself, so that case decodes it into memory as `transcribe` needs it.
+        """
+        path = Path(path)
+        if not options.vad:
+            return self.transcribe(decode_audio(path), options)
+        if block_samples % BLOCK_ALIGN:
+            raise ValueError(f"block_samples must be a multiple of {BLOCK_ALIGN}")
+        started = time.perf_counter()
+        scan, kept = self._scan(path, block_samples, keep_seconds)
+        windows = plan_windows(scan.spans(), scan.samples, self.detector.options)
+        timings = {"vad_seconds": time.perf_counter() - started}  # decoding the file included
+        blocks = _drain(kept) if kept is not None else _decode_again(path, block_samples, scan.samples)
+        return self._transcribe_windows(windows, window_samples(blocks, windows), scan.samples, options, timings)
+
+    def _scan(self, path: Path, block_samples: int, keep_seconds: float) -> tuple[SpeechScan, list[np.ndarray] | None]:
+        """Pass 1: the speech scan, and the blocks if the recording is short enough to keep."""
+        scan = self.detector.scan()
+        declared = probe_duration(path)
+        # A header that says "long" spares holding blocks only to drop them; one that lies is caught below.
+        kept: list[np.ndarray] | None = [] if declared is None or declared <= keep_seconds else None
+        for block in stream_audio(path, block_samples=block_samples):
+            scan.add(block)
+            if kept is not None:
+                if scan.samples > keep_seconds * SAMPLING_RATE:
+                    kept = None  # too long to hold: pass 2 decodes the file again
+                else:
+                    kept.append(block)
+        return scan, kept
+
+    def _transcribe_windows(self, windows: list[Window], pieces: Iterator[np.ndarray], samples: int,
+                            options: DecodeOptions, timings: dict[str, float],
+                            long_form: np.ndarray | None = None) -> Transcript:
+        """Language, then decoding: `pieces` yields each window's samples, in order, once."""
+        duration = samples / SAMPLING_RATE
         if not windows:
             language = options.language if options.language != AUTO else NO_SPEECH_LANGUAGE
             return self._transcript(language, None, [], duration, options, timings)
-        language, probability = self._choose_language(audio, windows[0], options.language)
+        first = next(pieces)
+        language, probability = self._choose_language(first, options.language)
         self._check_task(language, options.task)
         started = time.perf_counter()
-        if options.vad:
-            segments = self._decode_windows(audio, windows, language, options)
+        if long_form is None:
+            segments = self._decode_windows(windows, itertools.chain([first], pieces), language, options)
         else:
-            segments = self.backend.decode_long_form(audio, language, options)
+            segments = self.backend.decode_long_form(long_form, language, options)
         timings["decode_seconds"] = time.perf_counter() - started
         segments = clean_segments(segments, duration, options.drop_repeated_segments)
         return self._transcript(language, probability, segments, duration, options, timings)
@@ -110,13 +168,13 @@ class WindowedEngine:
         spans = self.detector.speech_spans(audio)
         return plan_windows(spans, len(audio), self.detector.options)
 
-    def _choose_language(self, audio: np.ndarray, first: Window, requested: str) -> tuple[str, float | None]:
-        """Detect on the first speech window, never on leading silence or music."""
+    def _choose_language(self, first: np.ndarray, requested: str) -> tuple[str, float | None]:
+        """Detect on the first speech window's samples, never on leading silence or music."""
         if not self.backend.is_multilingual:
             return ("en" if requested == AUTO else requested), None
         if requested != AUTO:
             return requested, None
-        return self.backend.detect_language(audio[first.start:first.end])
+        return self.backend.detect_language(first)
 
     def _check_task(self, language: str, task: str) -> None:
         if self.backend.is_multilingual:
@@ -126,28 +184,95 @@ class WindowedEngine:
         if task == "translate":
             raise TranscriptionError(f"model {self.settings.model} is English-only and cannot translate")
 
-    def _decode_windows(self, audio: np.ndarray, windows: list[Window], language: str,
+    def _decode_windows(self, windows: list[Window], pieces: Iterable[np.ndarray], language: str,
                         options: DecodeOptions) -> list[Segment]:
         """Decode in batches; speech that a window's text skipped is decoded again on its own.
 
         Whisper sometimes ends a window after its first sentence, or jumps from the first sentence
         to the last and stretches one segment's timestamps over the speech in between; both leave
-        VAD speech with no words on it (see `uncovered_speech`).
+        VAD speech with no words on it (see `uncovered_speech`). A batch's holes are decoded right
+        after it, from its windows' samples, so that only one batch of audio is ever held.
         """
-        out: list[Segment] = []
-        # (window, how many times it was carved out of another, the text already written over it)
-        pending: list[tuple[Window, int, str]] = [(w, 0, "") for w in windows]
-        while pending:
-            batch, pending = pending[: self.settings.batch_size], pending[self.settings.batch_size:]
-            decoded = self.backend.decode_windows([audio[w.start:w.end] for w, _, _ in batch], language, options)
-            for (window, retries, written), segments in zip(batch, decoded):
-                placed = [seg for seg in place_in_window(segments, window) if not repeats_text(seg.text, written)]
-                out.extend(placed)
-                if retries < MAX_RESUMES_PER_WINDOW:
-                    pending.extend((hole, retries + 1, text_over(placed, hole))
-                                   for hole in uncovered_speech(window, placed))
-        out.sort(key=lambda seg: seg.start)
-        return out
+        size = self.settings.batch_size
+        # Sorted at the end by start, then by how deep the hole, then by window: the order does
+        # not depend on when a hole was decoded.
+        out: list[tuple[tuple[float, int, int], Segment]] = []
+        todo = zip(windows, pieces)
+        while batch := list(itertools.islice(todo, size)):
+            pending = [_Job(window, samples) for window, samples in batch]
+            while pending:
+                jobs, pending = pending[:size], pending[size:]
+                decoded = self.backend.decode_windows([job.samples for job in jobs], language, options)
+                for job, segments in zip(jobs, decoded):
+                    placed = [seg for seg in place_in_window(segments, job.window)
+                              if not repeats_text(seg.text, job.written)]
+                    out.extend(((seg.start, job.retries, job.window.start), seg) for seg in placed)
+                    if job.retries < MAX_RESUMES_PER_WINDOW:
+                        pending.extend(job.hole(hole, text_over(placed, hole))
+                                       for hole in uncovered_speech(job.window, placed))
+        out.sort(key=lambda item: item[0])
+        return [seg for _, seg in out]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A window to decode, with its samples, how many times it was carved out of another, and the
+    text already written over it (which its own text must not repeat)."""
+
+    window: Window
+    samples: np.ndarray
+    retries: int = 0
+    written: str = ""
+
+    def hole(self, hole: Window, written: str) -> _Job:
+        offset = self.window.start
+        return _Job(hole, self.samples[hole.start - offset:hole.end - offset], self.retries + 1, written)
+
+
+def window_samples(blocks: Iterable[np.ndarray], windows: Sequence[Window]) -> Iterator[np.ndarray]:
+    """Each window's samples (a copy), in order, cut from consecutive blocks of the recording.
+
+    Windows are in order and do not overlap, so one pass holds a block at a time and nothing
+    handed out keeps a block alive.
+    """
+    blocks = iter(blocks)
+    block = np.zeros(0, dtype=np.float32)
+    start = 0  # where `block` starts in the recording
+    for window in windows:
+        parts = []
+        position = window.start
+        while position < window.end:
+            while start + len(block) <= position:
+                start += len(block)
+                following = next(blocks, None)
+                if following is None:
+                    raise EOFError(f"the audio ends at sample {start}, inside window {window}")
+                block = following
+            stop = min(window.end, start + len(block))
+            parts.append(block[position - start:stop - start])
+            position = stop
+        yield np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def _drain(blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Hand out the blocks, letting each go once handed out."""
+    blocks.reverse()
+    while blocks:
+        yield blocks.pop()
+
+
+def _decode_again(path: Path, block_samples: int, expected: int) -> Iterator[np.ndarray]:
+    """The second pass over a file; it must decode to what the first did."""
+    decoded = 0
+    try:
+        for block in stream_audio(path, block_samples=block_samples, log_damage=False):
+            decoded += len(block)
+            yield block
+    except AudioDecodeError as exc:
+        raise AudioDecodeError(path, f"changed while it was being transcribed ({exc.reason})") from exc
+    if decoded != expected:
+        raise AudioDecodeError(path, "changed while it was being transcribed "
+                                     f"({expected / SAMPLING_RATE:.1f} s, then {decoded / SAMPLING_RATE:.1f} s)")
 
 
 MAX_RESUMES_PER_WINDOW = 3

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,3 +177,19 @@ def test_real_export_rebuilds_an_interrupted_cache(clip: Callable[[str], DevClip
     assert "forward" in engine.transcribe(audio, DecodeOptions(language="auto")).text.lower()
     with pytest.raises(TranscriptionError, match="English-only"):
         engine.transcribe(audio, DecodeOptions(language="zh"))
+
+
+def test_the_openvino_path_loads_neither_torch_nor_transformers(clip: Callable[[str], DevClip]) -> None:
+    """Importing torch and transformers costs over a second on every `whisperd transcribe`."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from whisperd.engine import create_engine\n"
+        "from whisperd.options import DecodeOptions, EngineSettings\n"
+        "engine = create_engine(EngineSettings(backend='openvino', device='cpu', precision='int8'))\n"
+        f"engine.transcribe_path(Path({str(clip('en_goforward').path)!r}), DecodeOptions(language='auto'))\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -24,8 +24,11 @@ S = SAMPLING_RATE
 
 
 def single_pass_probabilities(audio: np.ndarray) -> np.ndarray:
-    """What silero_vad.get_speech_timestamps computes: one chunk after the other."""
-    model = load_silero_onnx()
+    """What silero_vad.get_speech_timestamps computes (the package's own model wrapper): one chunk
+    after the other."""
+    from silero_vad import load_silero_vad
+
+    model = load_silero_vad(onnx=True)
     model.reset_states()
     samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     out = []

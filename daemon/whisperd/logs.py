@@ -52,3 +52,14 @@ def quiet_library_warnings() -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
+
+
+# Until configure_logging() runs (library use, tests, a helper subprocess), structlog events go
+# through the standard library like everyone else's: never printed to stdout, where a command's
+# result may be read.
+if not structlog.is_configured():
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.stdlib.render_to_log_kwargs],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )

@@ -11,7 +11,8 @@ against the package on real speech.
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,11 @@ CONTEXT = 64  # samples of the previous step the model sees with each chunk
 
 
 def model_path() -> str:
-    return str(resources.files("silero_vad.data").joinpath("silero_vad.onnx"))
+    """The ONNX file in the silero-vad wheel, found without importing the package (which imports torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the silero-vad package is not installed: pip install -r requirements/runtime.txt")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx")
 
 
 class SileroOnnx:

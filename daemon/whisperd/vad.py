@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from whisperd.silero import SileroOnnx, speech_timestamps
+
 SAMPLING_RATE = 16000
 
 
@@ -70,7 +72,7 @@ class SpeechDetector:
         with self._lock:
             self._load()
 
-    def _load(self):  # noqa: ANN202 - silero's model wrapper has no public type
+    def _load(self) -> SileroOnnx:
         if self._model is None:
             self._model = load_silero_onnx()
         return self._model
@@ -119,18 +121,15 @@ class SpeechScan:
 
     def spans(self) -> list[Span]:
         """Speech found by Silero, plus loud stretches it left out (decoded; the model's gates judge them)."""
-        from silero_vad.utils_vad import get_speech_timestamps_from_probs
-
         opts = self.detector.options
         # Leave room for the window padding so a maximal span still fits in 30 s.
         max_span = opts.max_window_seconds - 2 * opts.window_pad_seconds - 0.1
         probs = np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float32)
         self._probs = [probs]  # one copy, not two, while the spans are worked out
-        stamps = get_speech_timestamps_from_probs(
+        stamps = speech_timestamps(
             # It only iterates; Python floats, as a float32 would meet the threshold in float32, and
             # made one at a time, as a list of them would be 8 times the array (36 MB for 10 hours).
-            (float(p) for p in probs),  # type: ignore[arg-type]
-            sampling_rate=SAMPLING_RATE,
+            (float(p) for p in probs),
             threshold=opts.threshold,
             min_speech_duration_ms=int(opts.min_speech_seconds * 1000),
             min_silence_duration_ms=int(opts.min_silence_seconds * 1000),
@@ -161,7 +160,7 @@ BLOCK_SAMPLES = 4 * BLOCK_ALIGN
 
 def speech_probabilities(model, audio: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
     """Silero's speech probability for every 512-sample chunk, as `get_speech_timestamps` computes it,
-    but for many stretches of the file at once (`model`: silero's OnnxWrapper).
+    but for many stretches of the file at once (`model`: whisperd.silero.SileroOnnx).
 
     Silero is a recurrent model stepped 32 ms at a time, and one ONNX call per step is most of the
     VAD's cost on a long file. The file is cut into 10 s streams run side by side as one batch
@@ -175,8 +174,6 @@ def speech_probabilities(model, audio: np.ndarray, before: np.ndarray | None = N
     starts at a multiple of STREAM_CHUNKS chunks, this gives exactly the probabilities of a call
     on the whole file: every stream sees the same samples either way.
     """
-    import torch
-
     chunks = -(-len(audio) // VAD_CHUNK)
     if chunks == 0:
         return np.zeros(0, dtype=np.float32)
@@ -196,7 +193,7 @@ def speech_probabilities(model, audio: np.ndarray, before: np.ndarray | None = N
         # Stream b covers chunks [b * STREAM_CHUNKS, (b + 1) * STREAM_CHUNKS) of the audio, after its
         # warm-up: its step-th input is row b * STREAM_CHUNKS + step.
         batch = np.ascontiguousarray(rows[step : step + streams * STREAM_CHUNKS : STREAM_CHUNKS])
-        out[:, step] = model(torch.from_numpy(batch), SAMPLING_RATE).numpy().reshape(-1)
+        out[:, step] = model(batch)
     return out[:, STREAM_WARM_UP_CHUNKS:].reshape(-1)[:chunks]
 
 
@@ -244,17 +241,9 @@ def loud_runs_outside(levels: np.ndarray, total_samples: int, spans: list[Span],
     return [Span(max(0, a * FRAME - pad), min(total_samples, b * FRAME + pad)) for a, b in runs if b - a >= min_run]
 
 
-def load_silero_onnx():  # noqa: ANN201
-    """Silero's ONNX model. Importing silero_vad calls torch.set_num_threads(1) process-wide, which
-    would leave Whisper on one core: the thread count is put back right after the import."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        from silero_vad import load_silero_vad
-    finally:
-        torch.set_num_threads(threads)
-    return load_silero_vad(onnx=True)
+def load_silero_onnx() -> SileroOnnx:
+    """Silero's ONNX model from the silero-vad wheel, run without torch (whisperd.silero)."""
+    return SileroOnnx()
 
 
 def plan_windows(spans: list[Span], total_samples: int, options: VadOptions | None = None) -> list[Window]:

@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from whisperd.engine import Engine
 from whisperd.evaluation.meeting import Meeting, build_meeting
+from whisperd.options import DecodeOptions
+from whisperd.outputs import render
 from whisperd.speakers import (SpeakerEmbedder, SpeakerModelError, Turn, assign_speakers, cluster_embeddings,
                                label_speakers)
 from whisperd.speakers.clustering import absorb_sandwiched, make_turns
@@ -240,3 +243,26 @@ def test_words_take_their_own_speaker_and_labels_follow_the_transcript() -> None
     (whole,) = assign_speakers([odd], turns)
     assert whole.text == odd.text and whole.speaker == "Speaker 1" and len(whole.words) == 6
     assert assign_speakers(segments, []) == segments
+
+
+def test_the_engine_labels_speakers_when_the_rules_ask(trio: Meeting, ov_int8: Engine, tmp_path: Path) -> None:
+    """`speakers: auto` through the default engine and the file path (streamed, two passes): every
+    segment has one of the three speakers, each person's segments one label, and the outputs say so."""
+    import soundfile
+
+    wav = tmp_path / "trio.wav"
+    soundfile.write(wav, trio.audio, trio.sampling_rate, subtype="PCM_16")
+    plain = ov_int8.transcribe_path(wav, DecodeOptions(language="en"), keep_seconds=0)
+    labelled = ov_int8.transcribe_path(wav, DecodeOptions(language="en", speakers="auto"), keep_seconds=0)
+    assert [s.text for s in plain.segments] == [s.text for s in labelled.segments]
+    assert all(s.speaker is None for s in plain.segments)
+    assert {s.speaker for s in labelled.segments} == {"Speaker 1", "Speaker 2", "Speaker 3"}
+    by_person: dict[str, set[str | None]] = {}
+    for clip in trio.clips:
+        for seg in labelled.segments:
+            if clip.onset_s - 0.3 <= seg.start <= clip.offset_s:
+                by_person.setdefault(person(clip.clip_id), set()).add(seg.speaker)
+    assert all(len(labels) == 1 for labels in by_person.values()), by_person
+    txt = render(labelled, "txt")
+    assert txt.startswith("Speaker 1: ") and txt.count("Speaker ") >= len(trio.clips) - 1
+    assert labelled.settings["speakers"] == "auto"

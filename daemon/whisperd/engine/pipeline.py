@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -129,6 +129,9 @@ class WindowedEngine:
         if not windows:
             language = options.language if options.language != AUTO else NO_SPEECH_LANGUAGE
             return self._transcript(language, None, [], duration, options, timings)
+        embedder = speaker_embedder(options.speakers)
+        if embedder is not None:
+            pieces = _shown_to(embedder, windows, pieces)
         first = next(pieces)
         language, probability = self._choose_language(first, options.language)
         self._check_task(language, options.task)
@@ -136,9 +139,15 @@ class WindowedEngine:
         if long_form is None:
             segments = self._decode_windows(windows, itertools.chain([first], pieces), language, options)
         else:
+            for _ in pieces:  # the embedder still sees every window
+                pass
             segments = self.backend.decode_long_form(long_form, language, options)
         timings["decode_seconds"] = time.perf_counter() - started
         segments = clean_segments(segments, duration, options.drop_repeated_segments)
+        if embedder is not None:
+            started = time.perf_counter()
+            segments = label_with(embedder, segments, options.speakers)
+            timings["speakers_seconds"] = time.perf_counter() - started
         return self._transcript(language, probability, segments, duration, options, timings)
 
     def _transcript(self, language: str, probability: float | None, segments: list[Segment], duration: float,
@@ -149,6 +158,7 @@ class WindowedEngine:
             "task": options.task,
             "vad": options.vad,
             "word_timestamps": options.word_timestamps,
+            "speakers": options.speakers,
             "temperatures": list(options.temperatures),
             "compression_ratio_threshold": options.compression_ratio_threshold,
             "logprob_threshold": options.logprob_threshold,
@@ -212,6 +222,34 @@ class WindowedEngine:
                                        for hole in uncovered_speech(job.window, placed))
         out.sort(key=lambda item: item[0])
         return [seg for _, seg in out]
+
+
+def speaker_embedder(speakers: str) -> Any:
+    """A fresh speaker embedder when the rules ask for speakers (`off`: None, and nothing loads)."""
+    if speakers == "off":
+        return None
+    from whisperd.speakers import SpeakerEmbedder
+
+    return SpeakerEmbedder()
+
+
+def _shown_to(embedder: Any, windows: Sequence[Window], pieces: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """`pieces` unchanged, each window's samples handed to the embedder on the way (streaming: the
+    embedder keeps only small voice prints)."""
+    for window, samples in zip(windows, pieces):
+        embedder.add(samples, window.start, window.spans)
+        yield samples
+
+
+def label_with(embedder: Any, segments: list[Segment], speakers: str) -> list[Segment]:
+    """Segments and words with their speaker: `auto` finds how many speak, a number fixes it."""
+    from whisperd.speakers import SpeakerModelError, assign_speakers
+
+    try:
+        turns = embedder.diarize(None if speakers == "auto" else int(speakers))
+    except SpeakerModelError as exc:
+        raise TranscriptionError(f"speaker labels are unavailable: {exc}") from exc
+    return assign_speakers(segments, turns)
 
 
 @dataclass(frozen=True, slots=True)

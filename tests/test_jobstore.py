@@ -25,6 +25,7 @@ from whisperd.jobstore import (
     JobStoreUnavailable,
     SqliteJobStore,
 )
+from whisperd.jobstore.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from whisperd.jobstore.postgres import PostgresJobStore
 
 from pg_harness import PostgresServer
@@ -100,7 +101,7 @@ def test_refuses_database_from_newer_version(spec: Spec) -> None:
             open_spec(spec)
         return
     with open_spec(spec) as store:
-        assert store.schema_version == 1
+        assert store.schema_version == PG_SCHEMA_VERSION
     with psycopg.connect(spec[1], autocommit=True) as raw:
         raw.execute("UPDATE whisperd_schema SET version = 99")
     with open_spec(spec) as store, pytest.raises(JobStoreError, match="newer"):
@@ -585,7 +586,7 @@ def test_sqlite_version_1_database_is_upgraded_and_its_rows_adopted_by_their_inb
     raw.commit()
     raw.close()
     with SqliteJobStore(db, host_id="me", inboxes={"/srv/inbox": "/srv/inbox"}) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         done, running = store.get(1), store.get(2)
         assert done is not None and (done.inbox, done.rel_path, done.path) == (
             "/srv/inbox", b"talk.wav", Path("/srv/inbox/talk.wav"))
@@ -616,3 +617,63 @@ def test_throughput(opener: Callable[..., JobStore], spec: Spec) -> None:
     claim_rate = n / (time.perf_counter() - started)
     assert store.counts()["done"] == n
     print(f"{spec[0]}: enqueue {enqueue_rate:.0f}/s, claim + mark_done {claim_rate:.0f}/s")
+
+
+def test_retry_failed_requeues_the_latest_failed_job_of_each_path(store: JobStore) -> None:
+    old = _enqueue(store, "/in/a.wav", mtime_ns=1)
+    store.mark_failed(old.id, "bad rule file")
+    newer = _enqueue(store, "/in/a.wav", mtime_ns=2)  # the file was replaced: `old` is history now
+    store.mark_failed(newer.id, "bad rule file")
+    other = _enqueue(store, "/in/b.wav")
+    store.mark_failed(other.id, "bad rule file")
+    done = _enqueue(store, "/in/c.wav")
+    assert store.claim_next() is not None
+    store.mark_done(done.id, 1.0, 1.0, "en")
+
+    assert store.retry_failed(["/in/c.wav", "/in/nothing.wav"]) == []  # not failed, unknown
+    [again] = store.retry_failed(["/in/a.wav", "/in/a.wav"])
+    assert (again.id, again.state, again.attempts, again.finished_at) == (newer.id, "queued", 0, None)
+    assert again.last_error == "bad rule file"  # kept until the job finishes
+    assert [j.id for j in store.retry_failed()] == [other.id]  # never the replaced version
+    assert store.get(old.id).state == "failed"  # type: ignore[union-attr]
+    claimed = store.claim_next()
+    assert claimed is not None and claimed.id == newer.id
+
+
+def test_retry_failed_through_another_store_is_claimed_by_the_daemon(opener: Callable[..., JobStore]) -> None:
+    daemon, cli = opener(), opener()
+    job = _enqueue(daemon, "/in/a.wav")
+    daemon.mark_failed(job.id, "broken")
+    assert daemon.claim_next() is None
+    assert [j.id for j in cli.retry_failed()] == [job.id]
+    assert daemon.next_claimable_at() == 0
+    claimed = daemon.claim_next()
+    assert claimed is not None and claimed.id == job.id and claimed.attempts == 0
+
+
+def test_hook_events_are_recorded_with_the_final_state_and_delivered_by_their_host(
+        opener: Callable[..., JobStore]) -> None:
+    store, other_host = opener(), opener(host_id="host-b")
+    done = _enqueue(store, "/in/a.wav")
+    assert store.claim_next(now=T0) is not None
+    store.mark_done(done.id, 1.0, 1.0, "en", now=T0 + 1,
+                    hooks=[("index", {"event": "job.done", "path": "/in/a\udcff"})])
+    failed = _enqueue(store, "/in/b.wav")
+    store.mark_failed(failed.id, "broken", now=T0 + 2, hooks=[("notify", {"event": "job.failed"})])
+    late = _enqueue(store, "/in/c.wav")
+    with pytest.raises(JobStateError):  # refused: nothing of it may be recorded
+        store.mark_done(late.id, 1.0, 1.0, "en", hooks=[("index", {"event": "job.done"})])
+
+    assert other_host.due_deliveries(now=T0 + 10) == []  # an exec hook runs where the job ran
+    first, second = store.due_deliveries(now=T0 + 10)
+    assert (first.hook, first.job_id, first.payload["path"]) == ("index", done.id, "/in/a\udcff")
+    assert first.payload["delivery_id"] == first.id and first.id != second.id
+    store.delivery_attempted(first.id, now=T0 + 10)
+    store.delivery_attempted(second.id, error="HTTP 503", retry_in=5.0, now=T0 + 10)
+    assert store.due_deliveries(now=T0 + 11) == [] and store.next_delivery_at() == T0 + 15
+    [again] = store.due_deliveries(now=T0 + 16)
+    assert (again.id, again.attempts, again.last_error) == (second.id, 1, "HTTP 503")
+    store.delivery_attempted(second.id, error="HTTP 404", now=T0 + 16)
+    assert store.next_delivery_at() is None
+    [given_up] = other_host.failed_deliveries()
+    assert (given_up.id, given_up.state, given_up.attempts, given_up.last_error) == (second.id, "failed", 2, "HTTP 404")

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--failures", type=int, default=10, help="how many recent failures to list")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
+    rt = sub.add_parser("retry", help="queue failed jobs again (after fixing what made them fail); safe while "
+                                      "the daemon runs")
+    rt.add_argument("--config", type=Path, required=True, help="daemon config (its job store and inboxes)")
+    which = rt.add_mutually_exclusive_group(required=True)
+    which.add_argument("paths", nargs="*", type=Path, default=[], help="recordings whose latest job failed")
+    which.add_argument("--failed", action="store_true", help="every failed job")
+
     cc = sub.add_parser("check-config", help="validate a daemon config and the rule files under its inboxes")
     cc.add_argument("config", type=Path)
 
@@ -159,6 +166,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Through the job store, so the daemon (or any host sharing the store) claims the jobs at its next pass."""
+    import os
+
+    from whisperd.config import load_config
+    from whisperd.jobstore import open_job_store, read_host_id
+    from whisperd.status import shown
+
+    config = load_config(args.config)
+    paths = [Path(os.path.abspath(p)) for p in args.paths]  # not resolved: the watcher's paths are not
+    with open_job_store(config, host_id=read_host_id(config.state_dir) or "retry") as store:
+        jobs = store.retry_failed(None if args.failed else paths)
+        for job in jobs:
+            print(f"queued again: {shown(job.path)} (job {job.id})")
+        retried = {job.path for job in jobs}
+        missed = 0
+        for path in paths:
+            if path not in retried:
+                latest = store.latest_for_path(path)
+                missed += 1
+                why = "no job for this file" if latest is None else f"its latest job is {latest.state}"
+                print(f"whisperd: not retried: {shown(path)}: {why}", file=sys.stderr)
+    if args.failed and not jobs:
+        print("no failed jobs")
+    return 1 if missed else 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from whisperd.checks import check_config
 
@@ -174,6 +208,7 @@ COMMANDS = {
     "transcribe": cmd_transcribe,
     "run": cmd_run,
     "status": cmd_status,
+    "retry": cmd_retry,
     "check-config": cmd_check_config,
     "fetch-model": cmd_fetch_model,
     "import-model": cmd_import_model,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from whisperd.devices import allowed_precisions
 from whisperd.errors import WhisperdError
@@ -85,6 +87,54 @@ class JobStoreConfig(_Strict):
     lease_seconds: float = Field(120.0, ge=1, description="a running job's lease; renewed while the worker is alive")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; an empty host is loopback (never all interfaces by accident)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9857")
+    host = host.strip("[]") or "127.0.0.1"
+    if host != "localhost":
+        ipaddress.ip_address(host)  # ValueError names the bad address
+    return host, int(port)
+
+
+class MetricsConfig(_Strict):
+    """`metrics:`: Prometheus metrics over HTTP and/or as a node_exporter textfile."""
+
+    listen: str | None = Field(None, description="host:port of the /metrics endpoint (e.g. 127.0.0.1:9857)")
+    textfile: Path | None = Field(None, description="node_exporter textfile, rewritten atomically every 15 s")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
+        return v
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(pattern=r"^https?://", description="receives a signed JSON POST per event")
+    secret_file: Path = Field(description="the signing secret (Standard Webhooks: whsec_<base64>, or raw bytes)")
+
+
+class HookConfig(_Strict):
+    """`hooks.NAME`: a program run, or a webhook called, when a job is done or failed. Only in the
+    daemon's config: a folder's rule file cannot make the daemon run anything."""
+
+    exec: list[str] | None = Field(None, min_length=1, description="argv; no shell, no templating")
+    webhook: WebhookConfig | None = None
+    on: list[Literal["job.done", "job.failed"]] = Field(min_length=1)
+    timeout_seconds: float = Field(60.0, gt=0, description="an exec hook's process group is killed after this")
+    max_attempts: int = Field(8, ge=1, description="webhook tries on network errors, 408, 429 and 5xx")
+    retry_backoff_seconds: float = Field(10.0, ge=0, description="first webhook retry delay; doubles each time")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HookConfig:
+        if (self.exec is None) == (self.webhook is None):
+            raise ValueError("give either exec or webhook")
+        return self
+
+
 class DaemonConfig(_Strict):
     inboxes: list[InboxConfig] = Field(min_length=1)
     engine: EngineSection = EngineSection()
@@ -97,6 +147,8 @@ class DaemonConfig(_Strict):
     watchdog_seconds: float | None = Field(None, gt=0, description="defaults to systemd's WATCHDOG_USEC / 2")
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics: MetricsConfig | None = None
+    hooks: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], HookConfig] = {}
 
     @property
     def database_path(self) -> Path:
@@ -131,6 +183,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for inbox in data.get("inboxes") or []:
         if isinstance(inbox, dict) and "path" in inbox:
             inbox["path"] = str((base / Path(inbox["path"]).expanduser()).resolve())
+    for hook in (data.get("hooks") or {}).values() if isinstance(data.get("hooks"), dict) else ():
+        webhook = hook.get("webhook") if isinstance(hook, dict) else None
+        if isinstance(webhook, dict) and webhook.get("secret_file"):
+            webhook["secret_file"] = str((base / Path(webhook["secret_file"]).expanduser()).resolve())
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict) and metrics.get("textfile"):
+        metrics["textfile"] = str((base / Path(metrics["textfile"]).expanduser()).resolve())
     if "state_dir" in data:
         data["state_dir"] = str((base / Path(data["state_dir"]).expanduser()).resolve())
     return data

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from whisperd.atomic import atomic_write_text, mode_like
 from whisperd.audio import probe_duration
 from whisperd.config import JobConfig
-from whisperd.jobstore import Job, JobStateError, JobStore, JobStoreUnavailable
+from whisperd.jobstore import HookEvent, Job, JobStateError, JobStore, JobStoreUnavailable
 from whisperd.logs import get_logger
 from whisperd.naming import NameTooLongError, check_name_fits, error_file_for, output_paths, stale_temps_for
 from whisperd.options import OUTPUT_FORMATS
@@ -31,6 +32,9 @@ from whisperd.recording import RecordingRefused, open_recording
 from whisperd.retry import RetryPolicy
 from whisperd.rules import EffectiveRules, InboxRules, RuleError
 from whisperd.supervisor import WorkerStartError
+
+if TYPE_CHECKING:
+    from whisperd.metrics import Metrics
 
 log = get_logger("whisperd.runner")
 INTERRUPTED_ERROR = "interrupted: whisperd stopped while this job was running"
@@ -93,8 +97,12 @@ class JobRunner:
     """Processes claimed jobs one at a time; `current` is the job in progress (for status)."""
 
     def __init__(self, store: JobStore, jobs: JobConfig, rules: InboxRules,
-                 on_change: Callable[[], None] = lambda: None, tick: Callable[[], bool] = lambda: True) -> None:
+                 on_change: Callable[[], None] = lambda: None, tick: Callable[[], bool] = lambda: True,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
+        #: Completion hook events for a job reaching done or failed (recorded in the same transaction).
+        self.hook_events: Callable[[str, Job, list[str], str | None], list[HookEvent]] = lambda *_: []
         self.rules = rules
         self.on_change = on_change
         self.tick = tick  # the daemon's: keeps the watchdog fed while we wait; False once we must stop
@@ -238,8 +246,8 @@ class JobRunner:
             self.fail(job, f"{path.name}: cannot read ({exc.strerror or exc})")
             return
         if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
-            self._record(lambda: self.store.mark_superseded(job.id, "the file changed; its new version is queued",
-                                                            token=job.token))
+            self._finished(self._record(lambda: self.store.mark_superseded(
+                job.id, "the file changed; its new version is queued", token=job.token)))
             self._record(lambda: self.store.enqueue(path, st.st_size, st.st_mtime_ns))
             bound.info("job dropped", result="changed")
             return
@@ -271,6 +279,8 @@ class JobRunner:
         remove_stale_temp_outputs(path, self.store.lease_seconds)
         self.current = job
         self._renewed_at = time.monotonic()  # the claim has just set the lease
+        if self.metrics:
+            self.metrics.job_started(job)
         self.on_change()
         bound.info("job started", audio_seconds=audio_seconds, attempt=job.attempts + 1,
                    language=options.language, task=options.task, rules=[str(s) for s in rules.sources])
@@ -286,9 +296,17 @@ class JobRunner:
             self.current = None
         self.record(job, outcome, rules)
 
+    def _finished(self, job: Job) -> None:
+        if self.metrics:
+            self.metrics.job_finished(job)
+
+    def _attempt(self, outcome: AttemptOutcome) -> None:
+        if self.metrics:
+            self.metrics.attempt(outcome.value)
+
     def _dropped_deleted(self, job: Job) -> None:
-        self._record(lambda: self.store.mark_superseded(job.id, "the file was deleted before it was transcribed",
-                                                        token=job.token))
+        self._finished(self._record(lambda: self.store.mark_superseded(
+            job.id, "the file was deleted before it was transcribed", token=job.token)))
         log.info("job dropped", job_id=job.id, path=str(job.path), result="deleted")
 
     def _finished_before_restart(self, job: Job, st: os.stat_result, formats: tuple[str, ...]) -> bool:
@@ -299,8 +317,9 @@ class JobRunner:
         if not interrupted or not outputs_up_to_date(job.path, st, formats):
             return False
         outputs = [str(p) for p in output_paths(job.path, formats).values()]
-        self._record(lambda: self.store.mark_done(job.id, None, None, None, token=job.token, extra={
-            "outputs": outputs, "note": "outputs were already in place from the interrupted attempt"}))
+        hooks = self.hook_events("job.done", job, outputs, None)
+        self._finished(self._record(lambda: self.store.mark_done(job.id, None, None, None, token=job.token, extra={
+            "outputs": outputs, "note": "outputs were already in place from the interrupted attempt"}, hooks=hooks)))
         remove_error_note(job.path)
         log.info("job done", job_id=job.id, path=str(job.path), result="already_written")
         self.on_change()
@@ -312,20 +331,27 @@ class JobRunner:
         bound = log.bind(job_id=job.id, path=str(job.path))
         if outcome.kind is AttemptOutcome.DONE and outcome.done is not None:
             done = outcome.done
-            self._record(lambda: self.store.mark_done(
-                job.id, done.audio_seconds, done.wall_seconds, done.language, token=job.token,
+            self._attempt(outcome.kind)  # failed attempts are counted by _failed_attempt
+            done_job = replace(job, audio_seconds=done.audio_seconds, wall_seconds=done.wall_seconds,
+                               language=done.language)
+            hooks = self.hook_events("job.done", done_job, list(done.outputs), None)
+            recorded = self._record(lambda: self.store.mark_done(
+                job.id, done.audio_seconds, done.wall_seconds, done.language, token=job.token, hooks=hooks,
                 extra={"outputs": list(done.outputs), "worker_pid": done.pid, "worker_jobs_done": done.jobs_done,
                        "language_probability": done.language_probability,
                        "rules": [str(s) for s in rules.sources]}))
+            self._finished(recorded)
             remove_error_note(job.path)
             remove_stale_temp_outputs(job.path, self.store.lease_seconds)  # a dead host's, now old enough
             bound.info("job done", result="done", audio_seconds=round(done.audio_seconds, 2),
                        wall_seconds=round(done.wall_seconds, 2), language=done.language,
                        worker_pid=done.pid, segments=done.segments)
         elif outcome.kind is AttemptOutcome.GONE:
-            self._record(lambda: self.store.mark_superseded(job.id, outcome.error, token=job.token))
+            self._attempt(outcome.kind)
+            self._finished(self._record(lambda: self.store.mark_superseded(job.id, outcome.error, token=job.token)))
             bound.info("job dropped", result="gone", error=outcome.error)
         elif outcome.kind is AttemptOutcome.INTERRUPTED:
+            self._attempt(outcome.kind)
             remove_stale_temp_outputs(job.path, self.store.lease_seconds)
             if self.lease_lost:
                 raise JobStateError(f"job {job.id}: the lease was lost during the job")
@@ -338,6 +364,8 @@ class JobRunner:
 
     def _failed_attempt(self, job: Job, kind: AttemptOutcome, error: str, *, permanent: bool,
                         expired: bool = False) -> None:
+        if not expired:  # another host's attempt is not one of ours
+            self._attempt(kind)
         remove_stale_temp_outputs(job.path, self.store.lease_seconds)
         decision = self.policy.decide(error, permanent=permanent, failed_attempts=job.attempts + 1)
         if not decision.retry:
@@ -356,7 +384,10 @@ class JobRunner:
         attempts = job.attempts + 1  # mark_failed counts the failing attempt
         remove_stale_temp_outputs(job.path, self.store.lease_seconds)
         write_error_note(job.path, error, attempts)
-        failed = self._record(lambda: self.store.mark_failed(job.id, error, token=job.token, expired=expired))
+        hooks = self.hook_events("job.failed", replace(job, attempts=attempts), [], error)
+        failed = self._record(lambda: self.store.mark_failed(job.id, error, token=job.token, expired=expired,
+                                                             hooks=hooks))
+        self._finished(failed)
         log.error("job failed", job_id=job.id, path=str(job.path), result="failed", error=error,
                   attempts=failed.attempts)
         self.on_change()

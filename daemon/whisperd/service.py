@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whisperd.atomic import atomic_write_text
 from whisperd.config import ConfigError, DaemonConfig, load_config
@@ -37,11 +37,16 @@ from whisperd.status import STATUS_FILE, STATUS_REFRESH_SECONDS, DaemonStatus
 from whisperd.supervisor import WorkerStartError, WorkerSupervisor
 from whisperd.watcher import Inbox, Watcher
 
+if TYPE_CHECKING:
+    from whisperd.hooks import HookDispatcher
+    from whisperd.metrics import Metrics
+
 log = get_logger("whisperd.daemon")
 EXIT_FAILURE = 1  # systemd's Restart=on-failure starts us again
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it
 # Settings the running watcher and job store were built from; a reload cannot change them.
-RESTART_ONLY_SETTINGS = ("state_dir", "settle_seconds", "rescan_seconds", "log_format", "log_level", "job_store")
+RESTART_ONLY_SETTINGS = ("state_dir", "settle_seconds", "rescan_seconds", "log_format", "log_level", "job_store",
+                         "metrics")
 UNRECOGNISED_KEPT = 100  # names of unrecognised files remembered for `status` (and logged once each)
 #: Waits between attempts to reach an unavailable job database.
 STORE_RETRY_FIRST_S = 0.5
@@ -80,6 +85,8 @@ class Daemon:
         self.runner: JobRunner | None = None
         self.watcher: Watcher | None = None
         self.supervisor: WorkerSupervisor | None = None
+        self.metrics: Metrics | None = None
+        self.hooks: HookDispatcher | None = None
         self.unrecognised: OrderedDict[str, str] = OrderedDict()
         self._unrecognised_lock = threading.Lock()
 
@@ -115,13 +122,17 @@ class Daemon:
                  inboxes=[str(i.path) for i in cfg.inboxes], requeued_after_crash=recovered, host_id=self.host_id,
                  job_store=self.store.location, lease_seconds=self.store.lease_seconds)
         self.store.on_queued(self.wake.set)
+        if not self._start_metrics():
+            self._shutdown()
+            return EXIT_CONFIG
+        self._start_hooks()
         self.watcher = Watcher(self._inboxes(cfg), self.on_file_ready, settle_seconds=cfg.settle_seconds,
                                rescan_seconds=cfg.rescan_seconds, on_unrecognised=self.on_unrecognised_file,
                                empty_settle_seconds=min(cfg.rescan_seconds, 60.0))
         self.watcher.start()
         self.notifier.status("loading model")
         self._write_status(force=True)
-        error = self._start_worker(cfg.engine)
+        error = self._start_worker(cfg.engine, "startup")
         if error is not None:
             if not self.stop_requested:
                 log.error("cannot load the model", error=str(error))
@@ -163,6 +174,38 @@ class Daemon:
                                 tick=self._tick)
         return True
 
+    def _start_hooks(self) -> None:
+        """Completion hooks: the runner records their events with the job's final state; a thread
+        delivers them (also those a crash left pending, and retries)."""
+        from whisperd.hooks import HookDispatcher, events_for, job_event
+
+        assert self.store is not None and self.runner is not None
+        self.hooks = HookDispatcher(self.store, self.config.hooks, self.metrics)
+        self.runner.hook_events = lambda event, job, outputs, error: events_for(
+            self.config.hooks, job_event(event, job, outputs=outputs, error=error))
+        self.hooks.start()
+
+    def _start_metrics(self) -> bool:
+        """Serve metrics when configured; False (logged) when the address cannot be bound."""
+        if self.config.metrics is None:
+            return True
+        from whisperd.metrics import Metrics
+
+        self.metrics = metrics = Metrics()
+        assert self.runner is not None
+        self.runner.metrics = metrics
+        view = metrics.view
+        view.store, view.inboxes = self.store, {i.inbox_id: i.path for i in self.config.inboxes}
+        view.worker_up = lambda: bool(self.supervisor and self.supervisor.alive())
+        view.worker_busy = lambda: bool(self.runner and self.runner.current)
+        view.events_lost = lambda: self.watcher.events_lost if self.watcher else 0
+        try:
+            metrics.serve(self.config.metrics.listen, self.config.metrics.textfile)
+        except OSError as exc:
+            log.error("cannot serve metrics", listen=self.config.metrics.listen, error=str(exc))
+            return False
+        return True
+
     # -- an unreachable job database ---------------------------------------------------------
 
     def _store_unavailable(self, exc: JobStoreError) -> bool:
@@ -201,7 +244,7 @@ class Daemon:
             raise ConfigError(f"another whisperd is already running with state directory {self.config.state_dir}") from None
         self._lock_fd = fd
 
-    def _start_worker(self, engine: EngineSettings) -> WorkerStartError | None:
+    def _start_worker(self, engine: EngineSettings, reason: str = "startup") -> WorkerStartError | None:
         """Start (or restart) the worker for `engine`: the one place a worker start and its failure
         are handled. Returns the error, and each caller decides what it means for the daemon."""
         cfg = self.config
@@ -209,12 +252,16 @@ class Daemon:
             if self.supervisor is not None:
                 self.supervisor.stop()
             self.supervisor = WorkerSupervisor(engine, cfg.log_format, cfg.log_level)
+        if self.metrics:
+            self.metrics.worker_started(reason)
         try:
-            self.supervisor.start(self._loading_tick)
+            ready = self.supervisor.start(self._loading_tick)
         except WorkerStartError as exc:
             return exc
         finally:
             self._write_status(force=True)
+        if self.metrics:
+            self.metrics.engine_loaded(ready.engine)
         return None
 
     # -- signals -----------------------------------------------------------------------------
@@ -261,6 +308,8 @@ class Daemon:
             return
         job = self.store.enqueue(path, st.st_size, st.st_mtime_ns)
         if job is not None:
+            if self.metrics:
+                self.metrics.job_enqueued()
             log.info("job queued", job_id=job.id, path=str(path), size=st.st_size)
             self.wake.set()
 
@@ -346,7 +395,7 @@ class Daemon:
         if self.supervisor is not None and self.supervisor.alive():
             return True
         self.notifier.status("restarting the worker")
-        error = self._start_worker(self.config.engine)
+        error = self._start_worker(self.config.engine, "restart")
         if error is None:
             return True
         if not self.stop_requested:
@@ -370,6 +419,8 @@ class Daemon:
         return wait
 
     def _job_changed(self) -> None:
+        if self.hooks:
+            self.hooks.wake.set()
         self._write_status(force=True)
         self.notifier.status(self._status_line())
 
@@ -396,7 +447,11 @@ class Daemon:
         assert self.watcher is not None and self.runner is not None and self.store is not None
         self.runner.rules = self.rules
         self.store.set_inboxes({i.inbox_id: i.path for i in new.inboxes})
+        if self.metrics:
+            self.metrics.view.inboxes = {i.inbox_id: i.path for i in new.inboxes}
         self.runner.configure(new.jobs)
+        if self.hooks:
+            self.hooks.hooks = dict(new.hooks)
         self.watcher.update_inboxes(self._inboxes(new))
         if new.engine != old.engine:
             self._switch_engine(old.engine)
@@ -406,7 +461,7 @@ class Daemon:
 
     def _switch_engine(self, old: EngineSettings) -> None:
         """Load the new engine settings; if they cannot load, keep the old engine (and the rest of the new config)."""
-        error = self._start_worker(self.config.engine)
+        error = self._start_worker(self.config.engine, "reload")
         if error is None or self.stop_requested:
             return
         log.error("new engine settings cannot load; keeping the old ones", error=str(error))
@@ -463,6 +518,10 @@ class Daemon:
             self.watcher.stop()
         if self.supervisor:
             self.supervisor.stop()
+        if self.metrics:
+            self.metrics.close()
+        if self.hooks:
+            self.hooks.stop()
         if self.runner:
             self.runner.current = None
         self._write_status(force=True)

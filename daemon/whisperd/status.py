@@ -94,7 +94,8 @@ def collect_status(state_dir: Path, failures: int = 10, recent: int = 10,
     """
     report: dict[str, Any] = {"state_dir": str(state_dir), "daemon": _read_daemon_file(state_dir),
                               "host_id": read_host_id(state_dir), "job_store": None, "counts": {},
-                              "running": [], "failures": [], "recent": [], "error": None}
+                              "running": [], "failures": [], "recent": [], "hook_failures": [],
+                              "error": None}
     if open_store is None:
         db = state_dir / "jobs.sqlite3"
         if not db.exists():
@@ -111,6 +112,10 @@ def collect_status(state_dir: Path, failures: int = 10, recent: int = 10,
         report["running"] = [_job_summary(j) for j in store.running()]
         report["failures"] = [_job_summary(j) for j in store.recent_failures(failures)]
         report["recent"] = [_job_summary(j) for j in store.recent_done(recent)] if recent > 0 else []
+        report["hook_failures"] = [
+            {"id": d.id, "hook": d.hook, "job_id": d.job_id, "event": d.payload.get("event"),
+             "path": d.payload.get("audio_path"), "attempts": d.attempts, "error": d.last_error,
+             "finished_at": d.finished_at} for d in store.failed_deliveries(failures)]
     except (sqlite3.Error, JobStoreError) as exc:
         report["error"] = f"cannot read the job database {store.location}: {exc}"
     finally:
@@ -176,6 +181,11 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("recent failures:")
         for job in report["failures"]:
             lines.append(f"  {shown(job['path'])} ({_ago(job['finished_at'])}, attempts {job['attempts']}): {shown(job['error'])}")
+    if report.get("hook_failures"):
+        lines.append("completion hooks that failed:")
+        for item in report["hook_failures"]:
+            lines.append(f"  {item['hook']} for {shown(item['path'])} ({item['event']}, {_ago(item['finished_at'])}, "
+                         f"attempts {item['attempts']}): {item['error']}")
     return "\n".join(lines)
 
 

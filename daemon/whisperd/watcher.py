@@ -569,6 +569,7 @@ class Watcher:
         self._watches: dict[Inbox, ObservedWatch] = {}
         self._threads: list[threading.Thread] = []
         self._overflow_hook = _OverflowHook(self._on_events_lost)
+        self.events_lost = 0  # inotify overflows so far
         self._started = False
 
     # -- public API ------------------------------------------------------------------------------
@@ -695,6 +696,7 @@ class Watcher:
                 log.exception("unrecognised report failed", path=path)
 
     def _on_events_lost(self) -> None:
+        self.events_lost += 1  # read by the metrics
         log.warning("events lost", action="rescanning now")
         self.tracker.events_lost()
         self.rescan_now()

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from whisperd.jobstore.base import (
     DEFAULT_LEASE_SECONDS,
     FINAL_STATES,
+    HookDelivery,
+    HookEvent,
     ROOT_INBOX,
     STATES,
     InboxMap,
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "FINAL_STATES",
+    "HookDelivery",
+    "HookEvent",
     "ROOT_INBOX",
     "SCHEMA_VERSION",
     "STATES",

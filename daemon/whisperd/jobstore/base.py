@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -144,6 +144,25 @@ class InboxMap:
         return None if root is None else root / os.fsdecode(rel)
 
 
+@dataclass(frozen=True)
+class HookDelivery:
+    """One event for one completion hook, kept in the outbox until it is delivered or given up."""
+
+    id: str  # stable across retries: the webhook-id, the exec hook's WHISPERD_DELIVERY_ID
+    job_id: int
+    hook: str
+    payload: Mapping[str, Any] = field(hash=False, compare=False)
+    state: str = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+
+#: A hook event to record with a job's final state: ``(hook name, event payload)``.
+HookEvent = tuple[str, Mapping[str, Any]]
+
+
 class Tx(Protocol):
     """One connection inside one transaction (or an autocommit read). SQL uses ``:name`` parameters."""
 
@@ -159,6 +178,7 @@ _COLUMNS: Final = (
     " not_before, audio_seconds, wall_seconds, language, worker_pid, owner, token, lease_expires"
 )
 _IDENTITY: Final = "inbox = :inbox AND rel_path = :rel"
+_DELIVERY_COLUMNS: Final = "id, job_id, hook, payload, state, attempts, last_error, created_at, finished_at"
 
 
 class JobStore(ABC):
@@ -328,7 +348,7 @@ class JobStore(ABC):
 
     def mark_done(self, job_id: int, audio_seconds: float | None, wall_seconds: float | None,
                   language: str | None, *, extra: Mapping[str, Any] | None = None, now: float | None = None,
-                  token: int | None = None) -> Job:
+                  token: int | None = None, hooks: Sequence[HookEvent] = ()) -> Job:
         """``running`` → ``done``, recording what the run measured; ``extra`` is merged into the
         job's JSON side data. With ``token``, a repeat of a ``mark_done`` that already committed
         (its reply lost with the connection) returns the job instead of failing."""
@@ -343,7 +363,9 @@ class JobStore(ABC):
                    " lease_expires = NULL WHERE id = :id",
                    {"now": now, "audio": audio_seconds, "wall": wall_seconds, "language": language,
                     "extra": self._json({**job.extra, **(extra or {})}), "id": job_id})
-            return self._require_get(tx, job_id)
+            done = self._require_get(tx, job_id)
+            self._add_deliveries(tx, done, hooks, now)
+            return done
 
     def mark_retry(self, job_id: int, error: str, backoff_s: float, *, now: float | None = None,
                    token: int | None = None, expired: bool = False) -> Job:
@@ -361,7 +383,7 @@ class JobStore(ABC):
             return self._require_get(tx, job_id)
 
     def mark_failed(self, job_id: int, error: str, *, now: float | None = None, token: int | None = None,
-                    expired: bool = False) -> Job:
+                    expired: bool = False, hooks: Sequence[HookEvent] = ()) -> Job:
         """→ ``failed`` for good (the failing attempt is counted). Allowed from ``queued`` too, so a
         job can be failed without running it (e.g. its folder's rule file is broken)."""
         with self._transaction() as tx:
@@ -370,7 +392,9 @@ class JobStore(ABC):
             tx.run("UPDATE jobs SET state = 'failed', attempts = attempts + 1, last_error = :error,"
                    " finished_at = :now, lease_expires = NULL WHERE id = :id",
                    {"error": storable(error), "now": now, "id": job_id})
-            return self._require_get(tx, job_id)
+            failed = self._require_get(tx, job_id)
+            self._add_deliveries(tx, failed, hooks, now)
+            return failed
 
     def mark_superseded(self, job_id: int, reason: str, *, now: float | None = None,
                         token: int | None = None) -> Job:
@@ -393,6 +417,83 @@ class JobStore(ABC):
                    {"error": storable(error), "id": job_id})
             self._notify_queued(tx)
             return self._require_get(tx, job_id)
+
+    def retry_failed(self, paths: Iterable[str | os.PathLike[str]] | None = None) -> list[Job]:
+        """``failed`` → ``queued``, claimable at once with a fresh count of attempts: ``whisperd retry``
+        once the cause is fixed (a rule file, a missing codec). Only a path's latest job is retried
+        (an older identity of a file that has changed since is history), so ``paths=None`` (every
+        failed job) never revives a replaced version. ``last_error`` stays until the job finishes."""
+        with self._transaction() as tx:
+            latest = ("state = 'failed' AND NOT EXISTS (SELECT 1 FROM jobs AS newer WHERE newer.inbox = jobs.inbox"
+                      " AND newer.rel_path = jobs.rel_path AND newer.id > jobs.id)")
+            if paths is None:
+                ids = [int(r[0]) for r in tx.all(f"SELECT id FROM jobs WHERE {latest} ORDER BY id" + self._FOR_UPDATE)]
+            else:
+                ids = []
+                for path in paths:
+                    row = tx.one(f"SELECT id FROM jobs WHERE {_IDENTITY} AND {latest}" + self._FOR_UPDATE,
+                                 self._where_path(path))
+                    if row is not None and int(row[0]) not in ids:
+                        ids.append(int(row[0]))
+            for job_id in ids:
+                tx.run("UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, started_at = NULL,"
+                       " finished_at = NULL, worker_pid = NULL, lease_expires = NULL WHERE id = :id", {"id": job_id})
+            if ids:
+                self._notify_queued(tx)
+            return [self._require_get(tx, job_id) for job_id in ids]
+
+    # -- the completion hooks' outbox -------------------------------------------------------------
+
+    def _add_deliveries(self, tx: Tx, job: Job, hooks: Sequence[HookEvent], now: float) -> None:
+        """In the transaction that finishes the job: a crash after it commits loses no event, and
+        one before it leaves the job unfinished, to be run (and reported) again."""
+        for hook, payload in hooks:
+            delivery_id = f"whisperd-{job.id}-{job.token}-{job.state}-{hook}"
+            tx.run("INSERT INTO hook_deliveries (id, job_id, hook, owner, payload, created_at)"
+                   " VALUES (:id, :job, :hook, :owner, :payload, :now) ON CONFLICT DO NOTHING",
+                   {"id": delivery_id, "job": job.id, "hook": hook, "owner": self.host_id, "now": now,
+                    "payload": json.dumps({**payload, "delivery_id": delivery_id})})
+
+    def due_deliveries(self, limit: int = 20, *, now: float | None = None) -> list[HookDelivery]:
+        """This host's pending deliveries whose time has come, oldest first."""
+        with self._reading() as tx:
+            now = self._now(tx, now)
+            return [self._delivery(r) for r in tx.all(
+                f"SELECT {_DELIVERY_COLUMNS} FROM hook_deliveries WHERE owner = :owner AND state = 'pending'"
+                f" AND next_at <= :now ORDER BY created_at, id LIMIT {int(limit)}",
+                {"owner": self.host_id, "now": now})]
+
+    def next_delivery_at(self) -> float | None:
+        """When this host's next pending delivery is due, or None when there is none."""
+        with self._reading() as tx:
+            row = tx.one("SELECT MIN(next_at) FROM hook_deliveries WHERE owner = :owner AND state = 'pending'",
+                         {"owner": self.host_id})
+        return None if row is None or row[0] is None else float(row[0])
+
+    def delivery_attempted(self, delivery_id: str, *, error: str | None = None, retry_in: float | None = None,
+                           now: float | None = None) -> None:
+        """One attempt's result: delivered (no ``error``), tried again in ``retry_in`` seconds, or failed."""
+        state = "delivered" if error is None else "pending" if retry_in is not None else "failed"
+        with self._transaction() as tx:
+            now = self._now(tx, now)
+            tx.run("UPDATE hook_deliveries SET state = :state, attempts = attempts + 1, last_error = :error,"
+                   " next_at = :next_at, finished_at = :finished WHERE id = :id AND state = 'pending'",
+                   {"state": state, "error": storable(error), "next_at": now + (retry_in or 0.0),
+                    "finished": None if state == "pending" else now, "id": delivery_id})
+
+    def failed_deliveries(self, limit: int = 10) -> list[HookDelivery]:
+        """Deliveries given up (every host's), most recent first: listed by ``whisperd status``."""
+        with self._reading() as tx:
+            return [self._delivery(r) for r in tx.all(
+                f"SELECT {_DELIVERY_COLUMNS} FROM hook_deliveries WHERE state = 'failed'"
+                f" ORDER BY finished_at DESC, id LIMIT {int(limit)}")]
+
+    @staticmethod
+    def _delivery(row: Sequence[Any]) -> HookDelivery:
+        id_, job_id, hook, payload, state, attempts, last_error, created_at, finished_at = row
+        return HookDelivery(id=id_, job_id=int(job_id), hook=hook, payload=json.loads(payload), state=state,
+                            attempts=int(attempts), last_error=last_error, created_at=created_at,
+                            finished_at=finished_at)
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from whisperd.logs import get_logger
 
 log = get_logger("whisperd.jobstore")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 CHANNEL: Final = "whisperd_jobs"
 CONNECT_TIMEOUT_S: Final = 5
 #: libpq settings the URL may override: a connection to a host that vanished without a reset
@@ -81,6 +81,24 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX jobs_queue ON jobs (id) WHERE state = 'queued';
     CREATE INDEX jobs_lease ON jobs (lease_expires) WHERE state = 'running';
     CREATE INDEX jobs_state ON jobs (state, finished_at);
+    """,
+    # 2: the completion hooks' outbox, written in the transaction that finishes the job.
+    """
+    CREATE TABLE hook_deliveries (
+        id          text             PRIMARY KEY,  -- the delivery id, the same on every retry
+        job_id      bigint           NOT NULL,
+        hook        text             NOT NULL,
+        owner       text             NOT NULL,     -- host id of the host that delivers it
+        payload     text             NOT NULL,     -- the event, JSON (text: names may not be UTF-8)
+        state       text             NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'delivered', 'failed')),
+        attempts    integer          NOT NULL DEFAULT 0,
+        next_at     double precision NOT NULL DEFAULT 0,
+        last_error  text,
+        created_at  double precision NOT NULL,
+        finished_at double precision
+    );
+    CREATE INDEX hook_deliveries_due ON hook_deliveries (owner, next_at) WHERE state = 'pending';
     """,
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION

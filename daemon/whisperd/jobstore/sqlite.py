@@ -30,7 +30,7 @@ from whisperd.jobstore.base import (
 from whisperd.jobstore.hostid import load_host_id
 
 #: Bump together with a new entry in ``_MIGRATIONS``.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 #: How long a connection waits for another writer before giving up (SQLite busy_timeout).
 DEFAULT_BUSY_TIMEOUT_S: Final = 30.0
@@ -73,6 +73,23 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     UPDATE jobs SET rel_path = path;
     CREATE UNIQUE INDEX jobs_identity ON jobs (inbox, rel_path, size, mtime_ns);
     CREATE INDEX jobs_lease ON jobs (lease_expires) WHERE state = 'running';
+    """,
+    # 3: the completion hooks' outbox, written in the transaction that finishes the job.
+    """
+    CREATE TABLE hook_deliveries (
+        id          TEXT    PRIMARY KEY,         -- the delivery id, the same on every retry
+        job_id      INTEGER NOT NULL,
+        hook        TEXT    NOT NULL,
+        owner       TEXT    NOT NULL,            -- host id of the host that delivers it
+        payload     TEXT    NOT NULL,            -- the event, JSON
+        state       TEXT    NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'failed')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        next_at     REAL    NOT NULL DEFAULT 0,
+        last_error  TEXT,
+        created_at  REAL    NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX hook_deliveries_due ON hook_deliveries (owner, next_at) WHERE state = 'pending';
     """,
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION

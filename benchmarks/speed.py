@@ -42,7 +42,9 @@ def load_system(system: str, args: argparse.Namespace):  # noqa: ANN201 - return
     """Return (transcribe(audio) -> text, description)."""
     kind, _, precision = system.partition(":")
     # whisperd = the transformers backend, whisperd-openvino = OpenVINO, whisperd-default = what
-    # `backend: auto`, `precision: auto` picks on this machine.
+    # `backend: auto`, `precision: auto` picks on this machine; "@N" after the precision sets
+    # engine.streams (OpenVINO pipelines side by side), e.g. whisperd-default:auto@1.
+    precision, _, streams = precision.partition("@")
     backend = {"whisperd": "transformers", "whisperd-openvino": "openvino", "whisperd-default": "auto"}.get(kind)
     if backend:
         from whisperd.engine import create_engine
@@ -50,7 +52,7 @@ def load_system(system: str, args: argparse.Namespace):  # noqa: ANN201 - return
 
         engine = create_engine(EngineSettings(model=MODEL, device=args.device, precision=precision or "auto",
                                               threads=args.threads, batch_size=args.batch_size,
-                                              backend=args.backend or backend))
+                                              backend=args.backend or backend, streams=int(streams) if streams else None))
         options = DecodeOptions(language="en")
         return lambda audio: engine.transcribe(audio, options).text
     if kind in ("faster-whisper", "faster-whisper-batched"):

@@ -8,7 +8,10 @@ subtitle starts in sync.
 from __future__ import annotations
 
 import math
+import os
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +65,12 @@ class Window:
 class SpeechDetector:
     """Silero VAD (ONNX model shipped in the silero-vad wheel; no download), loaded once."""
 
-    def __init__(self, options: VadOptions | None = None) -> None:
+    def __init__(self, options: VadOptions | None = None, threads: int | None = None) -> None:
         self.options = options or VadOptions()
-        self._model = None
+        # Streams are independent, so several model instances step different ones side by side
+        # (each on one core; the probabilities are the same as with one).
+        self.threads = max(1, min(threads or os.cpu_count() or 1, MAX_VAD_THREADS))
+        self._models: list[SileroOnnx] = []
         self._lock = threading.Lock()
 
     def warm_up(self) -> None:
@@ -72,10 +78,10 @@ class SpeechDetector:
         with self._lock:
             self._load()
 
-    def _load(self) -> SileroOnnx:
-        if self._model is None:
-            self._model = load_silero_onnx()
-        return self._model
+    def _load(self) -> list[SileroOnnx]:
+        if not self._models:
+            self._models = [load_silero_onnx() for _ in range(self.threads)]
+        return self._models
 
     def speech_spans(self, audio: np.ndarray) -> list[Span]:
         """Speech found by Silero, plus loud stretches it left out (decoded; the model's gates judge them)."""
@@ -145,6 +151,7 @@ class SpeechScan:
         return spans
 
 
+MAX_VAD_THREADS = 4
 VAD_CHUNK = 512  # samples per Silero step at 16 kHz
 STREAM_SECONDS = 10.0  # audio per parallel stream
 STREAM_CHUNKS = int(STREAM_SECONDS * SAMPLING_RATE) // VAD_CHUNK
@@ -158,7 +165,8 @@ BLOCK_ALIGN = math.lcm(STREAM_CHUNKS * VAD_CHUNK, FRAME)
 BLOCK_SAMPLES = 4 * BLOCK_ALIGN
 
 
-def speech_probabilities(model, audio: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+def speech_probabilities(model: SileroOnnx | Sequence[SileroOnnx], audio: np.ndarray,
+                         before: np.ndarray | None = None) -> np.ndarray:
     """Silero's speech probability for every 512-sample chunk, as `get_speech_timestamps` computes it,
     but for many stretches of the file at once (`model`: whisperd.silero.SileroOnnx).
 
@@ -187,13 +195,24 @@ def speech_probabilities(model, audio: np.ndarray, before: np.ndarray | None = N
         padded[warm_up - len(tail) : warm_up] = tail
     padded[warm_up : warm_up + len(audio)] = audio
     rows = padded.reshape(-1, VAD_CHUNK)
-    model.reset_states(streams)
     out = np.empty((streams, steps), dtype=np.float32)
-    for step in range(steps):
-        # Stream b covers chunks [b * STREAM_CHUNKS, (b + 1) * STREAM_CHUNKS) of the audio, after its
-        # warm-up: its step-th input is row b * STREAM_CHUNKS + step.
-        batch = np.ascontiguousarray(rows[step : step + streams * STREAM_CHUNKS : STREAM_CHUNKS])
-        out[:, step] = model(batch)
+    models = [model] if isinstance(model, SileroOnnx) else list(model)
+    # Stream b covers chunks [b * STREAM_CHUNKS, (b + 1) * STREAM_CHUNKS) of the audio, after its
+    # warm-up: its step-th input is row b * STREAM_CHUNKS + step. Each model steps a share of them.
+    shares = [range(b, min(streams, b + -(-streams // len(models)))) for b in range(0, streams, -(-streams // len(models)))]
+
+    def run(share: range, silero: SileroOnnx) -> None:
+        silero.reset_states(len(share))
+        first = share.start * STREAM_CHUNKS
+        for step in range(steps):
+            batch = rows[first + step : first + step + len(share) * STREAM_CHUNKS : STREAM_CHUNKS]
+            out[share.start : share.stop, step] = silero(np.ascontiguousarray(batch))
+
+    if len(shares) == 1:
+        run(shares[0], models[0])
+    else:
+        with ThreadPoolExecutor(len(shares)) as pool:
+            list(pool.map(run, shares, models))
     return out[:, STREAM_WARM_UP_CHUNKS:].reshape(-1)[:chunks]
 
 

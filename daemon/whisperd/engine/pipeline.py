@@ -65,7 +65,7 @@ class WindowedEngine:
         self.backend = backend
         self.settings = settings
         self.device = device
-        self.detector = detector or SpeechDetector()
+        self.detector = detector or SpeechDetector(threads=settings.threads)
         self.detector.warm_up()
 
     @property

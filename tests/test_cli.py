@@ -17,7 +17,7 @@ import srt
 import webvtt
 
 from whisperd.audio import decode_audio
-from whisperd.evaluation import DevClip, error_rate
+from whisperd_support.evaluation import DevClip, error_rate
 
 
 def whisperd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

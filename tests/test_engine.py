@@ -11,7 +11,7 @@ import torch
 from whisperd.audio import decode_audio
 from whisperd.engine import Engine
 from whisperd.engine import TranscriptionError
-from whisperd.evaluation import DevClip, error_rate
+from whisperd_support.evaluation import DevClip, error_rate
 from whisperd.options import DecodeOptions
 
 LIBRIVOX = [f"en_librivox_ss01_{n}" for n in ("0870", "0880", "0890", "0920", "0930")]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import srt
 
-import whisperd.evaluation.meeting as meeting_mod
+import whisperd_support.evaluation.meeting as meeting_mod
 from whisperd.audio import decode_audio
-from whisperd.evaluation import fetch_clips, load_manifest
-from whisperd.evaluation.meeting import MEETING_CLIPS, SILENCE_SECONDS, Meeting, build_meeting, speech_bounds
-from whisperd.evaluation.metrics import (
+from whisperd_support.evaluation import fetch_clips, load_manifest
+from whisperd_support.evaluation.meeting import MEETING_CLIPS, SILENCE_SECONDS, Meeting, build_meeting, speech_bounds
+from whisperd_support.evaluation.metrics import (
     Cue,
     as_cue,
     audio_seconds_per_wall_second,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from whisperd.evaluation import error_rate
-from whisperd.evaluation.meeting import Meeting, build_meeting
-from whisperd.evaluation.metrics import Cue, cues_from_srt, max_cue_duration, onset_stats, words_in_span
+from whisperd_support.evaluation import error_rate
+from whisperd_support.evaluation.meeting import Meeting, build_meeting
+from whisperd_support.evaluation.metrics import Cue, cues_from_srt, max_cue_duration, onset_stats, words_in_span
 from whisperd.options import DecodeOptions
 from whisperd.outputs import render
 from whisperd.transcript import Transcript

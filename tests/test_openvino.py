@@ -21,7 +21,7 @@ pytest.importorskip("openvino_genai", reason="backend openvino needs: pip instal
 from whisperd.audio import decode_audio  # noqa: E402
 from whisperd.devices import UnsupportedSettingError, check_openvino_settings, openvino_available_devices  # noqa: E402
 from whisperd.engine import Engine, TranscriptionError, create_engine  # noqa: E402
-from whisperd.evaluation import DevClip, error_rate  # noqa: E402
+from whisperd_support.evaluation import DevClip, error_rate  # noqa: E402
 from whisperd.models import openvino_export  # noqa: E402
 from whisperd.models.openvino_export import ensure_openvino_model, export_dir, is_export_complete  # noqa: E402
 from whisperd.options import DecodeOptions, EngineSettings  # noqa: E402

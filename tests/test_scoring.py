@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from whisperd.evaluation import ErrorRate, error_rate, load_manifest, normalize_text, score
+from whisperd_support.evaluation import ErrorRate, error_rate, load_manifest, normalize_text, score
 
 
 # --- known error rates ------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_every_manifest_reference_normalises_to_words(entry) -> None:
 
 def test_importing_evaluation_does_not_import_scoring_dependencies() -> None:
     code = (
-        "import sys, whisperd.evaluation; "
+        "import sys, whisperd_support.evaluation; "
         "loaded = {'jiwer', 'whisper_normalizer', 'zhconv'} & set(sys.modules); "
         "assert not loaded, loaded"
     )

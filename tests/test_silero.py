@@ -10,7 +10,7 @@ from silero_vad import load_silero_vad
 from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
 from whisperd.audio import decode_audio
-from whisperd.evaluation import DevClip
+from whisperd_support.evaluation import DevClip
 from whisperd.silero import CHUNK, SileroOnnx, speech_timestamps
 
 

@@ -1,6 +1,6 @@
 """Speaker diarization on real speech: three people, one of them hoarse and full of "um"s.
 
-The recording is built from dev clips (whisperd.evaluation.meeting) so who speaks when is known:
+The recording is built from dev clips (whisperd_support.evaluation.meeting) so who speaks when is known:
 a LibriVox reader, the MFA author (spontaneous speech with fillers, then the same with a cold)
 and a Swedish NST speaker, about 90 s in all.  The model and the clips come from PyPI packages.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from whisperd.engine import Engine
-from whisperd.evaluation.meeting import Meeting, build_meeting
+from whisperd_support.evaluation.meeting import Meeting, build_meeting
 from whisperd.options import DecodeOptions
 from whisperd.outputs import render
 from whisperd.speakers import (SpeakerEmbedder, SpeakerModelError, Turn, assign_speakers, cluster_embeddings,

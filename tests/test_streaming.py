@@ -10,7 +10,7 @@ import pytest
 from whisperd.audio import decode_audio
 from whisperd.engine import Engine
 from whisperd.engine.pipeline import window_samples
-from whisperd.evaluation.meeting import meeting_path
+from whisperd_support.evaluation.meeting import meeting_path
 from whisperd.options import DecodeOptions
 from whisperd.vad import BLOCK_ALIGN, Window
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from whisperd.engine.pipeline import covered_intervals, repeats_text, text_over, uncovered_speech
-from whisperd.evaluation.meeting import build_meeting
+from whisperd_support.evaluation.meeting import build_meeting
 from whisperd.transcript import Segment, Word
 from whisperd.vad import (
     BLOCK_ALIGN,

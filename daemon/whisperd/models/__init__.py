@@ -7,7 +7,6 @@ from whisperd.models.ct2 import CT2FormatError, CT2Model, import_ct2_model, is_c
 from whisperd.models.fetch import (
     ModelNotFoundError,
     canonical_name,
-    fetch_ct2_model,
     fetch_model,
     is_ct2_dir,
     is_transformers_whisper_dir,
@@ -19,7 +18,6 @@ __all__ = [
     "CT2Model",
     "ModelNotFoundError",
     "canonical_name",
-    "fetch_ct2_model",
     "fetch_model",
     "import_ct2_model",
     "is_complete",

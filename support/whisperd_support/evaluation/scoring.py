@@ -10,7 +10,7 @@ between words, so they are scored by characters (CER), Chinese after mapping
 traditional to simplified characters so that script choice is not an error.
 
 jiwer, whisper_normalizer and zhconv are imported inside the functions: they are
-test/benchmark dependencies, and importing ``whisperd.evaluation`` must not need them.
+test/benchmark dependencies, and importing ``whisperd_support.evaluation`` must not need them.
 """
 
 from __future__ import annotations

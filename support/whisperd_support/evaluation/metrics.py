@@ -1,6 +1,6 @@
 """Small, pure measures of a transcript's timing and subtitles against a known ground truth.
 
-Used with :mod:`whisperd.evaluation.meeting` (true speech onsets and a silent stretch) and
+Used with :mod:`whisperd_support.evaluation.meeting` (true speech onsets and a silent stretch) and
 the SRT that :func:`whisperd.outputs.render` writes. Everything here takes plain numbers or
 "timed text" items and returns numbers; nothing loads a model.
 

@@ -5,8 +5,8 @@ Importing this package needs only the standard library; the scoring dependencies
 scoring function is first called.
 """
 
-from whisperd.evaluation.clips import ClipFetchError, ClipSource, DevClip, fetch_clip, fetch_clips, load_manifest
-from whisperd.evaluation.scoring import ErrorRate, error_rate, normalize_text, score
+from whisperd_support.evaluation.clips import ClipFetchError, ClipSource, DevClip, fetch_clip, fetch_clips, load_manifest
+from whisperd_support.evaluation.scoring import ErrorRate, error_rate, normalize_text, score
 
 __all__ = [
     "ClipFetchError",

@@ -204,7 +204,7 @@ def build_meeting(
 
     ``target_seconds=None`` plays every clip once (about 3.5 minutes with the defaults);
     a number cycles the clips until that length (the 60 s silence included). The clips are
-    fetched with :func:`whisperd.evaluation.fetch_clips` on first use.
+    fetched with :func:`whisperd_support.evaluation.fetch_clips` on first use.
     """
     params = _params(seed, target_seconds, clip_ids, speech_dbfs, noise_dbfs, silence_s, pause_range)
     if use_cache:
@@ -241,7 +241,7 @@ def _params(
     silence_s: float,
     pause_range: tuple[float, float],
 ) -> dict[str, Any]:
-    from whisperd.evaluation.clips import load_manifest
+    from whisperd_support.evaluation.clips import load_manifest
 
     clip_ids = list(clip_ids)
     if not clip_ids:
@@ -291,7 +291,7 @@ class _Prepared(NamedTuple):
 
 def _build(params: dict[str, Any]) -> Meeting:
     from whisperd.audio import decode_audio
-    from whisperd.evaluation.clips import fetch_clips
+    from whisperd_support.evaluation.clips import fetch_clips
 
     rate = params["sampling_rate"]
     rng = np.random.default_rng([_RNG_STREAM, params["seed"]])

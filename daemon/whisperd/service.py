@@ -9,6 +9,9 @@ recording results, signals, sd_notify) happens on the main thread, so state chan
 The job store may be a database shared with other hosts. While it is unreachable the daemon stays
 up: it keeps the files it is told about for later, retries with backoff, and catches up once the
 database is back (whisperd.runner holds a finished job's outcome meanwhile).
+
+Over 500 lines as one idea: the daemon's lifecycle, wiring the parts together (each part
+lives in its own module).
 """
 
 from __future__ import annotations

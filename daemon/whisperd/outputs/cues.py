@@ -40,6 +40,9 @@ characters a second, is lengthened into the silence after it, never beyond `max_
 past the end of the recording (`duration`).
 A cue ends at least `gap` before the next one starts (two frames, so the eye sees the change),
 even when that takes a few milliseconds off the end of its speech.  Times are whole milliseconds.
+
+Over 500 lines as one idea: turning timed words and segments into readable cues (line
+breaking, timing, speaker and pause rules interact, so they live together).
 """
 
 from __future__ import annotations

@@ -220,7 +220,8 @@ class DaemonProcess:
     """`python -m whisperd run` in its own session, its stdout parsed as JSON log events."""
 
     def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None,
-                 precision: str = PRECISION, backend: str = BACKEND) -> None:
+                 precision: str = PRECISION, backend: str = BACKEND, engine_flags: bool = True) -> None:
+        self.engine_flags = engine_flags  # False: the engine comes from the config alone (reload tests)
         self.precision = precision
         self.backend = backend
         self.config = config
@@ -241,8 +242,9 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
         env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "whisperd", "run", "--config", str(self.config), "--model", MODEL,
-             "--precision", self.precision, "--device", "cpu", "--backend", self.backend],
+            [sys.executable, "-m", "whisperd", "run", "--config", str(self.config),
+             *(["--model", MODEL, "--precision", self.precision, "--device", "cpu", "--backend", self.backend]
+               if self.engine_flags else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=self.config.parent, start_new_session=True,
         )
@@ -373,9 +375,9 @@ def gone(pids: list[int]) -> bool:
 
 @contextmanager
 def running_daemon(config: Path, log_path: Path, env: dict[str, str] | None = None,
-                   ready: bool = True) -> Iterator[DaemonProcess]:
+                   ready: bool = True, engine_flags: bool = True) -> Iterator[DaemonProcess]:
     """Start a daemon (waiting for its model unless `ready` is False) and always kill it afterwards."""
-    daemon = DaemonProcess(config, log_path, env).start()
+    daemon = DaemonProcess(config, log_path, env, engine_flags=engine_flags).start()
     try:
         if ready:
             daemon.wait_ready()

@@ -99,26 +99,27 @@ def start_server() -> PostgresServer:
         raise
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One server for the session; tests that stop it use `own_postgres_server` instead."""
+def _server_for_tests() -> Iterator[PostgresServer]:
+    """A started server, destroyed afterwards. PostgreSQL runs on these machines (setup installs it),
+    so a server that cannot start fails the tests that need it, saying why, rather than skipping them."""
     try:
         server = start_server()
     except (PostgresUnavailable, OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"PostgreSQL server could not start: {exc}")
+        pytest.fail(f"PostgreSQL server could not start: {exc}")
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One server for the session; tests that stop it use `own_postgres_server` instead."""
+    yield from _server_for_tests()
 
 
 @pytest.fixture
 def own_postgres_server() -> Iterator[PostgresServer]:
     """A server of the test's own, which it may stop and start."""
-    try:
-        server = start_server()
-    except (PostgresUnavailable, OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"PostgreSQL server could not start: {exc}")
-    yield server
-    server.destroy()
+    yield from _server_for_tests()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -188,11 +189,27 @@ def test_an_unusable_job_database_stops_the_daemon_with_a_clear_message(tmp_path
 
     database.unlink()
     SqliteJobStore(database).close()  # a valid database, then made immutable: it can be read, not written
-    if subprocess.run(["chattr", "+i", str(database)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not available here")
+    made_immutable = subprocess.run(["chattr", "+i", str(database)], capture_output=True, text=True)
+    assert made_immutable.returncode == 0, f"chattr +i (e2fsprogs, as root) is needed here: {made_immutable.stderr}"
     try:
         result = run_daemon_briefly(config)
     finally:
         subprocess.run(["chattr", "-i", str(database)], check=True)
     assert result.returncode == 78, result.stderr
     assert "cannot be used" in result.stderr and "readonly" in result.stderr
+
+
+def test_reload_into_an_engine_that_cannot_load_keeps_the_old_one(tmp_path: Path) -> None:
+    """The real-process twin of test_runner's fast check: SIGHUP with a model that does not exist
+    keeps the running engine, and the queue keeps moving on it."""
+    config, inbox, state = setup_inbox(tmp_path)
+    with running_daemon(config, tmp_path / "daemon.log", engine_flags=False) as daemon:
+        write_config(config, [{"path": "inbox"}], state, engine={"model": str(tmp_path / "no-such-model")})
+        daemon.send(signal.SIGHUP)
+        failed = daemon.wait_event("new engine settings cannot load; keeping the old ones", timeout=120)
+        assert "no-such-model" in failed["error"]
+        target = inbox / "after-reload.wav"
+        shutil.copyfile(clip("en_goforward").path, target)
+        assert final_row(state, target).state == "done"
+        daemon.check_alive("after the failed reload")
+        assert len(daemon.named("worker ready")) == 2  # the first start, and the old engine again

@@ -225,7 +225,9 @@ def test_rule_errors_and_refused_links_fail_before_the_worker_is_asked(store: Jo
 
 
 class FakeSupervisor:
-    """Stands in for WorkerSupervisor in the daemon's engine switch: model 'broken' cannot load."""
+    """Stands in for WorkerSupervisor in the daemon's engine switch (model 'broken' cannot load), so the
+    decision logic runs in milliseconds; the same switch with a real worker process is
+    tests/test_hostile_inbox.py::test_reload_into_an_engine_that_cannot_load_keeps_the_old_one."""
 
     started: list[str] = []
 

@@ -366,11 +366,11 @@ class JobRunner:
                         expired: bool = False) -> None:
         if not expired:  # another host's attempt is not one of ours
             self._attempt(kind)
-        remove_stale_temp_outputs(job.path, self.store.lease_seconds)
         decision = self.policy.decide(error, permanent=permanent, failed_attempts=job.attempts + 1)
         if not decision.retry:
-            self.fail(job, decision.error, expired=expired)
+            self.fail(job, decision.error, expired=expired)  # sweeps the temps itself
             return
+        remove_stale_temp_outputs(job.path, self.store.lease_seconds)
         self._record(lambda: self.store.mark_retry(job.id, decision.error, decision.delay_seconds,
                                                    token=job.token, expired=expired))
         log.warning("job will be retried", job_id=job.id, path=str(job.path), result=kind.value,

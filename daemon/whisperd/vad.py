@@ -199,7 +199,8 @@ def speech_probabilities(model: SileroOnnx | Sequence[SileroOnnx], audio: np.nda
     models = [model] if isinstance(model, SileroOnnx) else list(model)
     # Stream b covers chunks [b * STREAM_CHUNKS, (b + 1) * STREAM_CHUNKS) of the audio, after its
     # warm-up: its step-th input is row b * STREAM_CHUNKS + step. Each model steps a share of them.
-    shares = [range(b, min(streams, b + -(-streams // len(models)))) for b in range(0, streams, -(-streams // len(models)))]
+    share = -(-streams // len(models))
+    shares = [range(first, min(streams, first + share)) for first in range(0, streams, share)]
 
     def run(share: range, silero: SileroOnnx) -> None:
         silero.reset_states(len(share))

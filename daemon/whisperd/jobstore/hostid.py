@@ -45,7 +45,9 @@ def load_host_id(state_dir: Path) -> str:
     temp = state_dir / f".{HOST_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        temp.write_text(candidate + "\n", encoding="utf-8")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(candidate + "\n")
         os.link(temp, state_dir / HOST_ID_FILE)
     except FileExistsError:
         return read_host_id(state_dir) or candidate

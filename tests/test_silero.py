@@ -46,3 +46,20 @@ def test_decisions_match_on_random_probabilities() -> None:
         expected = get_speech_timestamps_from_probs(probs, sampling_rate=16000, audio_length_samples=400 * CHUNK,
                                                     **options)
         assert speech_timestamps(probs, audio_length_samples=400 * CHUNK, **options) == expected
+
+
+def test_the_torch_model_for_gpus_gives_the_onnx_probabilities() -> None:
+    """whisperd.silero_torch runs every stream's chunks at once; on the CPU here (on a GPU in
+    production) it must decide exactly as the ONNX model stepped chunk by chunk."""
+    from whisperd_support.evaluation.meeting import Meeting, meeting_path
+
+    from whisperd.silero_torch import SileroTorch
+    from whisperd.vad import SpeechDetector, speech_probabilities
+
+    audio = Meeting.load(meeting_path(seed=0)).audio
+    stepped = speech_probabilities([SileroOnnx()], audio)
+    batched = speech_probabilities(SileroTorch("cpu"), audio)
+    assert np.abs(stepped - batched).max() < 1e-4
+    on_device = SpeechDetector(device="cpu")
+    on_device._on_device = SileroTorch("cpu")  # the GPU path, on the CPU
+    assert on_device.speech_spans(audio) == SpeechDetector().speech_spans(audio)

@@ -12,7 +12,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
 
 from whisperd.devices import allowed_precisions
 from whisperd.errors import WhisperdError
-from whisperd.options import BACKENDS, DEVICES, EngineSettings
+from whisperd.options import BACKENDS, DECODERS, DEVICES, EngineSettings
 from whisperd.rules import RuleSet, describe_validation_error
 
 
@@ -51,6 +51,13 @@ class EngineSection(EngineSettings):
     def _backend(cls, v: str) -> str:
         if v not in BACKENDS:
             raise ValueError(f"use one of {', '.join(BACKENDS)}")
+        return v
+
+    @field_validator("decoder")
+    @classmethod
+    def _decoder(cls, v: str) -> str:
+        if v not in DECODERS:
+            raise ValueError(f"use one of {', '.join(DECODERS)}")
         return v
 
     @field_validator("device")

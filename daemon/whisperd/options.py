@@ -25,6 +25,10 @@ BACKENDS: tuple[str, ...] = ("auto", "transformers", "openvino")
 OPENVINO_DEVICES: tuple[str, ...] = ("auto", "cpu", "xpu", "gpu", "npu")
 # Weight compression of the exported IR (auto = int8).
 OPENVINO_PRECISIONS: tuple[str, ...] = ("auto", "int8", "int4", "fp16", "fp32")
+# transformers backend: how windows are decoded. static = whisperd's batched static-cache decoder
+# (CUDA graphs on NVIDIA GPUs), generate = transformers' generate(); auto = static, except for
+# what only generate() does (beam search, word timestamps).
+DECODERS: tuple[str, ...] = ("auto", "static", "generate")
 # The model used when none is named: the one a fresh machine can obtain without the hub (see models/).
 DEFAULT_MODEL = "openai/whisper-base"
 
@@ -50,6 +54,9 @@ class EngineSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: all cores)")
     cpu_embedding: bool = Field(False, description="keep the embedding on the CPU (Intel integrated GPUs)")
     batch_size: int = Field(8, ge=1, description="speech windows decoded together")
+    decoder: str = Field("auto", json_schema_extra={"choices": DECODERS},
+                         description="transformers: auto, static (batched static-cache decoder, CUDA graphs on NVIDIA "
+                                     "GPUs) or generate (transformers' generate())")
     streams: int | None = Field(None, ge=1, description="openvino on the CPU: windows decoded side by side by separate "
                                                         "pipelines, threads shared out among them (default: one per core, at most 4)")
 

@@ -7,16 +7,18 @@ subtitle starts in sync.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from whisperd.silero import SileroOnnx, speech_timestamps
+from whisperd.silero_torch import SileroTorch
 
 SAMPLING_RATE = 16000
 
@@ -65,23 +67,38 @@ class Window:
 class SpeechDetector:
     """Silero VAD (ONNX model shipped in the silero-vad wheel; no download), loaded once."""
 
-    def __init__(self, options: VadOptions | None = None, threads: int | None = None) -> None:
+    def __init__(self, options: VadOptions | None = None, threads: int | None = None, device: str = "cpu") -> None:
         self.options = options or VadOptions()
+        # On a GPU the whole scan of a block is a few kernels (whisperd.silero_torch); one model
+        # serves every caller, since it keeps no state between calls.
+        self._on_device = SileroTorch(device) if device != "cpu" else None
         # Streams are independent, so several model instances step different ones side by side
         # (each on one core; the probabilities are the same as with one).
         self.threads = max(1, min(threads or os.cpu_count() or 1, MAX_VAD_THREADS))
-        self._models: list[SileroOnnx] = []
+        # Model sets not in use: a model keeps the state of the streams it steps, so each caller
+        # borrows a whole set, and recordings transcribed side by side scan side by side.
+        self._idle: list[list[SileroOnnx]] = []
         self._lock = threading.Lock()
 
     def warm_up(self) -> None:
         """Load the model now (at engine start) rather than inside the first job."""
-        with self._lock:
-            self._load()
+        if self._on_device is not None:
+            self.probabilities(np.zeros(BLOCK_ALIGN, dtype=np.float32))  # kernels chosen, cuDNN ready
+            return
+        with self._borrowed():
+            pass
 
-    def _load(self) -> list[SileroOnnx]:
-        if not self._models:
-            self._models = [load_silero_onnx() for _ in range(self.threads)]
-        return self._models
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[list[SileroOnnx]]:
+        with self._lock:
+            models = self._idle.pop() if self._idle else None
+        if models is None:
+            models = [load_silero_onnx() for _ in range(self.threads)]
+        try:
+            yield models
+        finally:
+            with self._lock:
+                self._idle.append(models)
 
     def speech_spans(self, audio: np.ndarray) -> list[Span]:
         """Speech found by Silero, plus loud stretches it left out (decoded; the model's gates judge them)."""
@@ -95,9 +112,11 @@ class SpeechDetector:
         return SpeechScan(self)
 
     def probabilities(self, audio: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
-        """speech_probabilities with this detector's model (one caller at a time: the model has state)."""
-        with self._lock:
-            return speech_probabilities(self._load(), audio, before)
+        """speech_probabilities with a set of this detector's models that no other caller is using."""
+        if self._on_device is not None:
+            return speech_probabilities(self._on_device, audio, before)
+        with self._borrowed() as models:
+            return speech_probabilities(models, audio, before)
 
 
 class SpeechScan:
@@ -151,7 +170,8 @@ class SpeechScan:
         return spans
 
 
-MAX_VAD_THREADS = 4
+# Streams stepped side by side, one core each: on a GPU machine the scan is most of a file's time.
+MAX_VAD_THREADS = 16
 VAD_CHUNK = 512  # samples per Silero step at 16 kHz
 STREAM_SECONDS = 10.0  # audio per parallel stream
 STREAM_CHUNKS = int(STREAM_SECONDS * SAMPLING_RATE) // VAD_CHUNK
@@ -165,7 +185,7 @@ BLOCK_ALIGN = math.lcm(STREAM_CHUNKS * VAD_CHUNK, FRAME)
 BLOCK_SAMPLES = 4 * BLOCK_ALIGN
 
 
-def speech_probabilities(model: SileroOnnx | Sequence[SileroOnnx], audio: np.ndarray,
+def speech_probabilities(model: SileroOnnx | Sequence[SileroOnnx] | SileroTorch, audio: np.ndarray,
                          before: np.ndarray | None = None) -> np.ndarray:
     """Silero's speech probability for every 512-sample chunk, as `get_speech_timestamps` computes it,
     but for many stretches of the file at once (`model`: whisperd.silero.SileroOnnx).
@@ -195,6 +215,9 @@ def speech_probabilities(model: SileroOnnx | Sequence[SileroOnnx], audio: np.nda
         padded[warm_up - len(tail) : warm_up] = tail
     padded[warm_up : warm_up + len(audio)] = audio
     rows = padded.reshape(-1, VAD_CHUNK)
+    if isinstance(model, SileroTorch):  # every stream's chunks at once (see whisperd.silero_torch)
+        index = np.arange(streams)[:, None] * STREAM_CHUNKS + np.arange(steps)[None, :]
+        return model(rows[index])[:, STREAM_WARM_UP_CHUNKS:].reshape(-1)[:chunks]
     out = np.empty((streams, steps), dtype=np.float32)
     models = [model] if isinstance(model, SileroOnnx) else list(model)
     # Stream b covers chunks [b * STREAM_CHUNKS, (b + 1) * STREAM_CHUNKS) of the audio, after its

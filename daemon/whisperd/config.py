@@ -12,7 +12,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
 
 from whisperd.devices import allowed_precisions
 from whisperd.errors import WhisperdError
-from whisperd.options import BACKENDS, DECODERS, DEVICES, EngineSettings
+from whisperd.options import DEVICES, EngineSettings
 from whisperd.rules import RuleSet, describe_validation_error
 
 
@@ -46,18 +46,13 @@ class EngineSection(EngineSettings):
     check validated at load, so a typo is a config error naming the key (the device/precision
     pairing that does need the hardware is checked by whisperd.devices before loading)."""
 
-    @field_validator("backend")
+    @field_validator("backend", "decoder")
     @classmethod
-    def _backend(cls, v: str) -> str:
-        if v not in BACKENDS:
-            raise ValueError(f"use one of {', '.join(BACKENDS)}")
-        return v
-
-    @field_validator("decoder")
-    @classmethod
-    def _decoder(cls, v: str) -> str:
-        if v not in DECODERS:
-            raise ValueError(f"use one of {', '.join(DECODERS)}")
+    def _one_of_its_choices(cls, v: str, info: ValidationInfo) -> str:
+        """Fields whose declaration lists their choices (the CLI offers the same list)."""
+        choices = cls.model_fields[info.field_name].json_schema_extra["choices"]  # type: ignore[index]
+        if v not in choices:
+            raise ValueError(f"use one of {', '.join(choices)}")
         return v
 
     @field_validator("device")

@@ -451,3 +451,16 @@ def test_concurrent_fetch_into_a_fresh_cache(tmp_path: Path) -> None:
     assert all(not p.name.startswith(".") for p in files)  # no temp files left behind
     for p in files:
         assert decode_audio(p).size > SR
+
+
+@pytest.mark.parametrize("clip_id", ["en_goforward", "en_librispeech_61-70968-0000"])
+def test_mono_16k_skips_the_resampler_with_the_same_samples(clip_id: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames already mono at 16 kHz are converted in NumPy; the resampler gives the same bits."""
+    [source] = fetch_clips([clip_id])
+    direct = decode_audio(source.path)
+    with av.open(str(source.path)) as container:
+        frame = next(container.decode(audio=0))
+        assert whisperd.audio._AsIs.fits(frame, 16000)  # this clip takes the NumPy path
+    monkeypatch.setattr(whisperd.audio, "_group_for", whisperd.audio._ResampleGroup)
+    assert np.array_equal(decode_audio(source.path), direct)

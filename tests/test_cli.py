@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -86,6 +90,64 @@ def test_transcribe_many_formats_and_bad_files(tmp_path: Path, clip: Callable[[s
         assert len(vtt.captions) >= 1
         assert path.with_suffix(".json").is_file()
     assert not list(tmp_path.glob(".whisperd-tmp.*")), "temp files left behind"
+
+
+SEGMENT_LINE = re.compile(r"^\[\d\d:\d\d\.\d{3} --> \d\d:\d\d\.\d{3}\] \S")
+
+
+def test_verbose_prints_segments_and_a_pipe_gets_no_progress_bar(tmp_path: Path,
+                                                                  clip: Callable[[str], DevClip]) -> None:
+    first, second = tmp_path / "first.wav", tmp_path / "second.wav"
+    shutil.copy(clip("en_librivox_ss01_0870").path, first)
+    shutil.copy(clip("en_librivox_ss01_0880").path, second)
+    result = whisperd("transcribe", str(first), str(second), "--outputs", "txt", "--verbose")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    oks = [i for i, line in enumerate(lines) if line.startswith("ok ")]
+    assert len(oks) == 2 and oks[1] == len(lines) - 1
+    for path, before in ((first, lines[:oks[0]]), (second, lines[oks[0] + 1:oks[1]])):
+        assert before and all(SEGMENT_LINE.match(line) for line in before), before
+        said = " ".join(line.split("] ", 1)[1] for line in before)
+        assert error_rate([path.with_suffix(".txt").read_text(encoding="utf-8")], [said], "en") < 0.05
+    assert "\x1b" not in result.stderr, "no escape codes where stderr is not a terminal"
+    assert "model loaded" in result.stderr, "--verbose still logs to stderr"
+
+
+def run_with_terminal_stderr(*args: str, timeout: float = 600) -> tuple[int, str, str]:
+    """`whisperd ARGS` with stderr on a pseudo-terminal (as typed in a shell), stdout piped:
+    (exit status, stdout, what the terminal received)."""
+    terminal, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "whisperd", *args], stdout=subprocess.PIPE, stderr=child_end,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"})
+    os.close(child_end)
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
+            received += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(terminal)
+    assert proc.stdout is not None
+    stdout = proc.stdout.read().decode()
+    return proc.wait(timeout=30), stdout, received.decode("utf-8", "replace")
+
+
+def test_a_terminal_gets_a_progress_bar_per_file(tmp_path: Path, clip: Callable[[str], DevClip]) -> None:
+    first, second = tmp_path / "first.wav", tmp_path / "second.wav"
+    shutil.copy(clip("en_librivox_ss01_0870").path, first)
+    shutil.copy(clip("en_goforward").path, second)
+    code, stdout, screen = run_with_terminal_stderr("transcribe", str(first), str(second), "--outputs", "txt")
+    assert code == 0, screen
+    assert [line.split()[0] for line in stdout.splitlines()] == ["ok", "ok"], "results only, on stdout"
+    assert "\x1b[" in screen and "first.wav" in screen and "second.wav" in screen
+    assert re.search(r"100%.*0:07 / 0:07 +\S*\d+\.\dx", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)), screen
 
 
 def test_precision_device_mismatch_fails_before_loading(tmp_path: Path, clip: Callable[[str], DevClip]) -> None:

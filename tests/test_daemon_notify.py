@@ -7,6 +7,7 @@ The tests share one daemon and run in order; the last one stops it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ from daemon_harness import (
     long_recording,
     rows_for,
     wait_for,
+    whisperd_cli,
     write_config,
 )
 
@@ -35,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 WATCHDOG_USEC = 2_000_000
 STOP_TIMEOUT = 2.0
 QUEUE_STATUS = re.compile(r"\d+ queued, (\d+) done, \d+ failed")
+PROGRESS_STATUS = re.compile(r"^transcribing progress\.wav: (\d+)% \(eta (\d+m)?\d+s\); ")
 
 
 @dataclass
@@ -116,6 +119,40 @@ def test_sighup_reloads_and_a_new_inbox_works(supervised: Supervised) -> None:
     assert final_row(supervised.state, target).state == "done"
     assert target.with_suffix(".txt").is_file()
     assert len(daemon.named("worker ready")) == 1, "an inbox change must not reload the model"
+
+
+def running_progress(config: Path) -> tuple[float | None, str]:
+    """The running job's percentage from `whisperd status --json`, and the text status' running line."""
+    report = whisperd_cli("status", "--config", str(config), "--json")
+    assert report.returncode == 0, report.stderr
+    running = json.loads(report.stdout)["running"]
+    percent = running[0]["progress"]["percent"] if running and running[0]["progress"] else None
+    text = whisperd_cli("status", "--config", str(config)).stdout
+    return percent, next((line for line in text.splitlines() if line.startswith("running: ")), "")
+
+
+def test_a_long_job_shows_its_progress_in_status_and_in_systemd_status(supervised: Supervised) -> None:
+    notify, daemon = supervised.notify, supervised.daemon
+    target = supervised.root / "inbox" / "progress.wav"
+    shutil.copyfile(long_recording().path, target)  # ten minutes: several status reads while it runs
+    daemon.wait_event("job started", path=str(target))
+    percents: list[float] = []
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    while not any(row.state in ("done", "failed") for row in rows_for(supervised.state, target)):
+        assert time.monotonic() < deadline, "the long job did not finish"
+        percent, line = running_progress(supervised.config)
+        if percent is not None and 0 < percent < 100:
+            percents.append(percent)
+            lines.append(line)
+    assert final_row(supervised.state, target).state == "done"
+    print(f"progress seen by whisperd status: {percents}")
+    assert len(set(percents)) >= 2 and percents == sorted(percents), percents
+    assert any(re.search(r"\(attempt 1, \d+%, eta \d", line) for line in lines), lines
+    shown = [int(m.group(1)) for _, msg in notify.with_key("STATUS") if (m := PROGRESS_STATUS.match(msg["STATUS"]))]
+    assert len(set(shown)) >= 3 and shown == sorted(shown) and 0 <= shown[0] < shown[-1] <= 100, shown
+    after = daemon.status_file()["current_job"]
+    assert after is None or after["path"] != str(target), "a finished job leaves daemon.json"
 
 
 def test_sigterm_during_a_long_job_requeues_it_and_exits_cleanly(supervised: Supervised) -> None:

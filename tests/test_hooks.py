@@ -1,6 +1,7 @@
 """Completion hooks: their config, the webhook signature, and a running daemon that runs an exec hook
-for a hostile file name, kills a hook that hangs, and delivers a webhook once after two failures.
-The outbox's contract (both backends) is in test_jobstore.py."""
+for a hostile file name, kills a hook that hangs, delivers a webhook once after two failures, and
+delivers one that a crash cut short after the restart. The outbox's contract (both backends) is in
+test_jobstore.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import hmac
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from whisperd.config import ConfigError, load_config
 from whisperd.hooks import hook_env, run_exec, sign, signing_key
 from whisperd.rules import RuleError, RuleSet
 
-from daemon_harness import clip, final_row, running_daemon, wait_for, whisperd_cli, write_config
+from daemon_harness import clip, final_row, rows_for, running_daemon, wait_for, whisperd_cli, write_config
 
 SECRET = b"whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef")
 DUMP = """
@@ -92,15 +95,57 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
+class StallingReceiver(BaseHTTPRequestHandler):
+    """Holds the first request unanswered until `release` is set (the sender is killed meanwhile),
+    then accepts every request; keeps every request."""
+
+    requests: list[tuple[dict[str, str], bytes]] = []
+    arrived = threading.Event()
+    release = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        StallingReceiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        if len(StallingReceiver.requests) == 1:
+            StallingReceiver.arrived.set()
+            StallingReceiver.release.wait(120)
+            return  # closed without an answer
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` on a free port of 127.0.0.1; yields the webhook URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/whisperd"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def receiver() -> Iterator[str]:
     Receiver.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/whisperd"
-    server.shutdown()
-    server.server_close()
+    with serving(Receiver) as url:
+        yield url
+
+
+@pytest.fixture
+def stalling_receiver() -> Iterator[str]:
+    StallingReceiver.requests = []
+    StallingReceiver.arrived, StallingReceiver.release = threading.Event(), threading.Event()
+    with serving(StallingReceiver) as url:
+        try:
+            yield url
+        finally:
+            StallingReceiver.release.set()  # lets the held request's thread end
 
 
 @pytest.mark.slow
@@ -163,3 +208,38 @@ def test_exec_hook_hostile_name_hanging_hook_and_webhook(tmp_path: Path, receive
     for headers, body, _ in requests:
         assert headers["webhook-signature"] == sign(key, headers["webhook-id"], int(headers["webhook-timestamp"]), body)
         assert json.loads(body)["event"] == "job.done" and json.loads(body)["delivery_id"] == headers["webhook-id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_webhook_cut_short_by_a_crash_is_delivered_after_the_restart(tmp_path: Path, stalling_receiver: str) -> None:
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    secret = tmp_path / "hook.secret"
+    secret.write_bytes(SECRET)
+    config = write_config(tmp_path / "whisperd.yaml", [{"path": "inbox", "rules": {"outputs": ["txt"]}}], state,
+                          hooks={"notify": {"webhook": {"url": stalling_receiver, "secret_file": str(secret)},
+                                            "on": ["job.done"]}})
+    audio = inbox / "talk.wav"
+    with running_daemon(config, tmp_path / "run1.log") as run1:
+        shutil.copyfile(clip("en_goforward").path, audio)
+        wait_for(StallingReceiver.arrived.is_set, 300, "the first webhook delivery")
+        assert [r.state for r in rows_for(state, audio)] == ["done"], "the event is recorded with the job"
+        run1.send(signal.SIGKILL)  # while the receiver holds the delivery unanswered
+        run1.wait_exit(10)
+        assert not run1.named("hook delivered")
+    StallingReceiver.release.set()
+
+    with running_daemon(config, tmp_path / "run2.log") as run2:
+        run2.wait_event("hook delivered", 120, hook="notify")
+        assert not run2.named("job started"), "the job itself is not run again"
+        status = whisperd_cli("status", "--config", str(config), "--json")
+        assert json.loads(status.stdout)["hook_failures"] == []
+    [(cut_headers, cut_body), (headers, body)] = StallingReceiver.requests
+    assert headers["webhook-id"] == cut_headers["webhook-id"], "the same delivery id, to deduplicate on"
+    assert body == cut_body
+    assert headers["webhook-signature"] == sign(signing_key(secret), headers["webhook-id"],
+                                                int(headers["webhook-timestamp"]), body)
+    event = json.loads(body)
+    assert event["event"] == "job.done" and event["audio_path"] == str(audio)
+    assert event["delivery_id"] == headers["webhook-id"]

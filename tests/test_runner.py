@@ -19,7 +19,7 @@ import yaml
 from whisperd.config import DaemonConfig, JobConfig
 from whisperd.jobstore import Job, JobStateError, JobStore, JobStoreUnavailable, SqliteJobStore
 from whisperd.naming import error_file_for
-from whisperd.protocol import AttemptOutcome, JobDone, JobOutcome, JobRequest
+from whisperd.protocol import AttemptOutcome, JobDone, JobOutcome, JobProgress, JobRequest
 from whisperd.retry import RetryPolicy
 from whisperd.rules import InboxRules
 from whisperd.runner import JobRunner
@@ -36,7 +36,8 @@ class FakeWorker:
         self.script = list(script)
         self.requests: list[JobRequest] = []
 
-    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool]) -> JobOutcome:
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+                on_progress: Callable[[JobProgress], None]) -> JobOutcome:
         self.requests.append(request)
         outcome = self.script.pop(0)
         if isinstance(outcome, Exception):
@@ -114,6 +115,36 @@ def test_done_records_the_run_and_removes_an_old_note(store: JobStore, inbox: Pa
     [request] = worker.requests
     assert request.expected == (audio.stat().st_size, audio.stat().st_mtime_ns)
     assert request.inbox_root == inbox and request.outputs == ("txt", "srt")
+
+
+class ReportingWorker:
+    """Reports `positions` (of a 1 s file) as the real worker does, then answers done."""
+
+    def __init__(self, *positions: float) -> None:
+        self.positions = positions
+
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+                on_progress: Callable[[JobProgress], None]) -> JobOutcome:
+        for position in self.positions:
+            on_progress(JobProgress(request.job_id, position, 1.0))
+        return done(request.path)
+
+
+def test_the_workers_progress_is_kept_for_status_while_the_job_runs(store: JobStore, inbox: Path) -> None:
+    audio = write_wav(inbox / "talk.wav")
+    runner = make_runner(store, inbox)
+    job = queue(store, audio)
+    seen: list[tuple[int, float, float | None]] = []
+
+    def keep() -> None:
+        assert runner.current is not None and runner.progress is not None
+        seen.append((runner.current.id, runner.progress.percent, runner.progress.eta_seconds))
+
+    runner.on_progress = keep
+    runner.process(job, ReportingWorker(0.0, 0.5), lambda: True)
+    assert [(job_id, percent) for job_id, percent, _ in seen] == [(job.id, 0.0), (job.id, 50.0)]
+    assert seen[0][2] is None and seen[1][2] is not None and seen[1][2] > 0
+    assert runner.progress is None and runner.current is None, "a finished job leaves no progress behind"
 
 
 def test_transient_errors_are_retried_with_backoff_then_given_up(store: JobStore, inbox: Path) -> None:
@@ -284,7 +315,8 @@ class TickingWorker:
         self.outcome, self.ticks, self.pause = outcome, ticks, pause
         self.interrupted = False
 
-    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool]) -> JobOutcome:
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+                on_progress: Callable[[JobProgress], None]) -> JobOutcome:
         for _ in range(self.ticks):
             time.sleep(self.pause)
             if not tick():

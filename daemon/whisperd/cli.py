@@ -68,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tr = sub.add_parser("transcribe", help="transcribe files once and write outputs next to them")
+    tr = sub.add_parser("transcribe", help="transcribe files once and write outputs next to them; a progress "
+                                           "bar per file on stderr when it is a terminal")
     tr.add_argument("files", nargs="+", type=Path)
+    # SUPPRESS: unset here must not undo `whisperd -v transcribe` (a subcommand's defaults win).
+    tr.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="log progress to stderr and print each segment to stdout as it is decoded")
     add_field_flags(tr, EngineSettings)
     add_field_flags(tr, Rules)
 
@@ -109,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from whisperd.engine import create_engine
     from whisperd.errors import WhisperdError
+    from whisperd.terminal import TranscribeDisplay
     from whisperd.transcribe_file import transcribe_file
 
     try:
@@ -119,14 +124,16 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     settings = EngineSettings().with_overrides(**field_values(args, EngineSettings))
     engine = create_engine(settings)
     failed = 0
-    for path in args.files:
-        try:
-            result = transcribe_file(engine, path, options, rules.outputs)
-        except (WhisperdError, OSError) as exc:
-            failed += 1
-            print(f"FAILED {path}: {exc}", flush=True)
-            continue
-        print(f"ok {result.summary()}", flush=True)
+    with TranscribeDisplay(verbose=args.verbose) as display:
+        for path in args.files:
+            try:
+                with display.file(path) as progress:
+                    result = transcribe_file(engine, path, options, rules.outputs, progress=progress)
+            except (WhisperdError, OSError) as exc:
+                failed += 1
+                print(f"FAILED {path}: {exc}", flush=True)
+                continue
+            print(f"ok {result.summary()}", flush=True)
     return 1 if failed else 0
 
 

@@ -63,6 +63,15 @@ class Fatal:
 
 
 @dataclass(frozen=True, slots=True)
+class JobProgress:
+    """How far the running job is (sent about once a second, before its JobDone or JobFailed)."""
+
+    job_id: int
+    position_seconds: float
+    duration_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class JobDone:
     job_id: int
     pid: int

@@ -27,10 +27,11 @@ from whisperd.jobstore import HookEvent, Job, JobStateError, JobStore, JobStoreU
 from whisperd.logs import get_logger
 from whisperd.naming import NameTooLongError, check_name_fits, error_file_for, output_paths, stale_temps_for
 from whisperd.options import OUTPUT_FORMATS
-from whisperd.protocol import AttemptOutcome, JobOutcome, JobRequest
+from whisperd.protocol import AttemptOutcome, JobOutcome, JobProgress, JobRequest
 from whisperd.recording import RecordingRefused, open_recording
 from whisperd.retry import RetryPolicy
 from whisperd.rules import EffectiveRules, InboxRules, RuleError
+from whisperd.status import JobProgressEstimate
 from whisperd.supervisor import WorkerStartError
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ T = TypeVar("T")
 class Worker(Protocol):
     """What the runner needs of the supervised worker process."""
 
-    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool]) -> JobOutcome: ...
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+                on_progress: Callable[[JobProgress], None]) -> JobOutcome: ...
 
 
 def remove_stale_temp_outputs(audio: Path, older_than: float | None = None) -> None:
@@ -94,11 +96,12 @@ def write_error_note(path: Path, error: str, attempts: int) -> None:
 
 
 class JobRunner:
-    """Processes claimed jobs one at a time; `current` is the job in progress (for status)."""
+    """Processes claimed jobs one at a time; `current` is the job in progress and `progress` how far
+    it is (for status)."""
 
     def __init__(self, store: JobStore, jobs: JobConfig, rules: InboxRules,
                  on_change: Callable[[], None] = lambda: None, tick: Callable[[], bool] = lambda: True,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, on_progress: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.metrics = metrics
         #: Completion hook events for a job reaching done or failed (recorded in the same transaction).
@@ -107,6 +110,9 @@ class JobRunner:
         self.on_change = on_change
         self.tick = tick  # the daemon's: keeps the watchdog fed while we wait; False once we must stop
         self.current: Job | None = None
+        self.progress: JobProgressEstimate | None = None
+        self.on_progress = on_progress  # after each of the worker's progress reports
+        self._started_at = 0.0
         self.lease_lost = False
         self._renewed_at = 0.0
         self.configure(jobs)
@@ -277,8 +283,8 @@ class JobRunner:
             return
         timeout = self.jobs.timeout_for(audio_seconds)
         remove_stale_temp_outputs(path, self.store.lease_seconds)
-        self.current = job
-        self._renewed_at = time.monotonic()  # the claim has just set the lease
+        self.current, self.progress = job, None
+        self._renewed_at = self._started_at = time.monotonic()  # the claim has just set the lease
         if self.metrics:
             self.metrics.job_started(job)
         self.on_change()
@@ -289,12 +295,17 @@ class JobRunner:
                              follow_links_outside=bool(inbox and inbox.follow_links_outside),
                              expected=(job.size, job.mtime_ns))
         try:
-            outcome = worker.run_job(request, timeout, self._job_tick)
+            outcome = worker.run_job(request, timeout, self._job_tick, on_progress=self._progressed)
         except WorkerStartError as exc:
             outcome = JobOutcome(AttemptOutcome.CRASHED, error=f"the worker could not start: {exc}")
         finally:
-            self.current = None
+            self.current, self.progress = None, None
         self.record(job, outcome, rules)
+
+    def _progressed(self, report: JobProgress) -> None:
+        self.progress = JobProgressEstimate(report.position_seconds, report.duration_seconds,
+                                            time.monotonic() - self._started_at)
+        self.on_progress()
 
     def _finished(self, job: Job) -> None:
         if self.metrics:

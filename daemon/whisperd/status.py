@@ -7,6 +7,7 @@ are the whole cluster's and each running job names the host that runs it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -22,6 +23,55 @@ STATUS_REFRESH_SECONDS = 15.0  # the daemon rewrites its status file at least th
 
 
 @dataclass(frozen=True, slots=True)
+class JobProgressEstimate:
+    """The running job's progress as the worker last reported it, and when it should end at the
+    rate it has gone since the job started (file checks, speech scan and model time included)."""
+
+    position_seconds: float
+    duration_seconds: float
+    elapsed_seconds: float
+
+    @property
+    def percent(self) -> float:
+        if self.duration_seconds <= 0:
+            return 0.0
+        return min(100.0, 100.0 * self.position_seconds / self.duration_seconds)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """None until there is a rate to go by (nothing decoded yet)."""
+        if self.position_seconds <= 0 or self.elapsed_seconds <= 0:
+            return None
+        rate = self.position_seconds / self.elapsed_seconds
+        return max(0.0, self.duration_seconds - self.position_seconds) / rate
+
+    def to_dict(self) -> dict[str, float | None]:
+        eta = self.eta_seconds
+        return {"percent": round(self.percent, 1), "eta_seconds": None if eta is None else round(eta, 1),
+                "position_seconds": round(self.position_seconds, 1),
+                "duration_seconds": round(self.duration_seconds, 1)}
+
+
+def format_eta(seconds: float) -> str:
+    """`45s`, `1m10s`, `2h05m`: short enough for systemd's STATUS= and one status line."""
+    whole = math.ceil(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def progress_parts(progress: dict[str, Any]) -> list[str]:
+    """`["42%", "eta 1m10s"]` from a progress record (`JobProgressEstimate.to_dict`); floored, so a job
+    shows 100% only once it is through."""
+    parts = [f"{math.floor(progress['percent'])}%"]
+    if progress.get("eta_seconds") is not None:
+        parts.append(f"eta {format_eta(progress['eta_seconds'])}")
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonStatus:
     """What a running daemon says about itself in `daemon.json`; written by the daemon, read by `status`."""
 
@@ -32,7 +82,7 @@ class DaemonStatus:
     worker_pid: int | None = None
     worker_starts: int = 0
     engine: dict[str, Any] | None = None
-    current_job: dict[str, Any] | None = None  # {"id", "path"}
+    current_job: dict[str, Any] | None = None  # {"id", "path", "progress"}: progress from JobProgressEstimate.to_dict
     inboxes: list[str] = field(default_factory=list)
     stopping: bool = False
     unrecognised_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
@@ -73,6 +123,14 @@ def _job_summary(job: Job) -> dict[str, Any]:
     }
 
 
+def _with_progress(job: dict[str, Any], daemon: dict[str, Any] | None) -> dict[str, Any]:
+    """A running job with its progress when it is this host's live daemon's job (other hosts'
+    jobs, and a dead daemon's last report, have none)."""
+    current = daemon.get("current_job") if daemon and daemon.get("alive") else None
+    progress = current.get("progress") if isinstance(current, dict) and current.get("id") == job["id"] else None
+    return {**job, "progress": progress}
+
+
 def _read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
     status_file = state_dir / STATUS_FILE
     try:
@@ -109,7 +167,7 @@ def collect_status(state_dir: Path, failures: int = 10, recent: int = 10,
         return report
     try:
         report["counts"] = store.counts()
-        report["running"] = [_job_summary(j) for j in store.running()]
+        report["running"] = [_with_progress(_job_summary(j), report["daemon"]) for j in store.running()]
         report["failures"] = [_job_summary(j) for j in store.recent_failures(failures)]
         report["recent"] = [_job_summary(j) for j in store.recent_done(recent)] if recent > 0 else []
         report["hook_failures"] = [
@@ -167,7 +225,8 @@ def format_status(report: dict[str, Any]) -> str:
                  + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed", "superseded")))
     for job in report["running"]:
         host = f", host {job['host']}" if shared and job.get("host") else ""
-        lines.append(f"running: {shown(job['path'])} (attempt {job['attempts'] + 1}{host})")
+        progress = "".join(f", {part}" for part in progress_parts(job["progress"])) if job.get("progress") else ""
+        lines.append(f"running: {shown(job['path'])} (attempt {job['attempts'] + 1}{host}{progress})")
     if report.get("recent"):
         lines.append("recently done:")
         for job in report["recent"]:

@@ -15,7 +15,8 @@ from multiprocessing.connection import Connection
 from whisperd.errors import WhisperdError
 from whisperd.logs import get_logger
 from whisperd.options import EngineSettings
-from whisperd.protocol import AttemptOutcome, Fatal, JobDone, JobFailed, JobOutcome, JobRequest, Ready, Stop
+from whisperd.protocol import (AttemptOutcome, Fatal, JobDone, JobFailed, JobOutcome, JobProgress, JobRequest, Ready,
+                               Stop)
 from whisperd.worker import worker_main
 
 log = get_logger(__name__)
@@ -83,11 +84,13 @@ class WorkerSupervisor:
         raise WorkerStartError(f"worker exited while loading the model (exit code {code})"
                                if code is not None else "worker did not load the model in time")
 
-    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool] = lambda: True) -> JobOutcome:
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool] = lambda: True, *,
+                on_progress: Callable[[JobProgress], None] = lambda _: None) -> JobOutcome:
         """Send one job and wait for its reply, calling `tick` about twice a second.
 
         `tick` returning False means the daemon wants to stop now: the worker is killed and the
-        outcome is `interrupted`, so the job can be requeued.
+        outcome is `interrupted`, so the job can be requeued. The worker's progress reports go to
+        `on_progress` on the way; they change neither the deadline nor the checks.
         """
         if not self.alive():
             self.start(tick)
@@ -103,12 +106,10 @@ class WorkerSupervisor:
                     reply = self._conn.recv()
                 except (EOFError, OSError):
                     return self._lost(AttemptOutcome.CRASHED, "the worker process died during the job")
-                if isinstance(reply, JobDone):
-                    return JobOutcome(AttemptOutcome.DONE, done=reply)
-                if isinstance(reply, JobFailed):
-                    kind = AttemptOutcome.GONE if reply.gone else AttemptOutcome.ERROR
-                    return JobOutcome(kind, error=reply.error, permanent=reply.permanent)
-                return self._lost(AttemptOutcome.CRASHED, f"the worker sent an unexpected {type(reply).__name__}")
+                if not isinstance(reply, JobProgress):
+                    return self._outcome(reply)
+                if reply.job_id == request.job_id:
+                    on_progress(reply)
             if not self._process.is_alive():
                 return self._lost(AttemptOutcome.CRASHED,
                                   f"the worker process died during the job (exit code {self._process.exitcode})")
@@ -117,6 +118,15 @@ class WorkerSupervisor:
                                   f"the job ran past its {timeout:.0f} s timeout; the worker was restarted")
             if not tick():
                 return self._lost(AttemptOutcome.INTERRUPTED, "the daemon stopped during the job")
+
+    def _outcome(self, reply: object) -> JobOutcome:
+        """What the worker's final reply to a job means."""
+        if isinstance(reply, JobDone):
+            return JobOutcome(AttemptOutcome.DONE, done=reply)
+        if isinstance(reply, JobFailed):
+            kind = AttemptOutcome.GONE if reply.gone else AttemptOutcome.ERROR
+            return JobOutcome(kind, error=reply.error, permanent=reply.permanent)
+        return self._lost(AttemptOutcome.CRASHED, f"the worker sent an unexpected {type(reply).__name__}")
 
     def _lost(self, kind: AttemptOutcome, error: str) -> JobOutcome:
         log.warning("worker lost", reason=kind.value, worker_pid=self.pid, error=error)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from whisperd.atomic import mode_like
 from whisperd.audio import AudioDecodeError
-from whisperd.engine import Engine
+from whisperd.engine import Engine, ProgressCallback
 from whisperd.options import DecodeOptions
 from whisperd.outputs import write_outputs
 from whisperd.recording import RecordingGone, open_recording
@@ -32,28 +32,30 @@ class FileResult:
 
 def transcribe_file(engine: Engine, path: Path, options: DecodeOptions, formats: tuple[str, ...], *,
                     inbox_root: Path | None = None, follow_links_outside: bool = False,
-                    expected: tuple[int, int] | None = None) -> FileResult:
+                    expected: tuple[int, int] | None = None, progress: ProgressCallback | None = None) -> FileResult:
     """Transcribe `path` and write its outputs beside it.
 
     The recording is opened once and read through that descriptor (see whisperd.recording): with
     `inbox_root`, a link leading outside the inbox is refused. `expected` is the (size, mtime_ns) the
     job was queued for. Outputs are as readable as the recording at most, and are put in place only
-    if the recording is still there, unchanged, when they are ready.
+    if the recording is still there, unchanged, when they are ready. `progress` is the engine's
+    (a terminal's bar, the worker's reports to the daemon).
     """
     started = time.perf_counter()
     with open_recording(path, inbox_root, follow_links_outside) as recording:
         if expected is not None and (recording.size, recording.mtime_ns) != expected:
             raise RecordingGone(f"{path.name} changed after it was queued; its new version is queued")
-        transcript = _transcribe_recording(engine, recording.read_path, path, options)
+        transcript = _transcribe_recording(engine, recording.read_path, path, options, progress)
         outputs = write_outputs(path, transcript, formats, mode=mode_like(recording.mode),
                                 before_commit=recording.check_unchanged)
     return FileResult(path, transcript, outputs, time.perf_counter() - started)
 
 
-def _transcribe_recording(engine: Engine, read_path: Path, path: Path, options: DecodeOptions) -> Transcript:
+def _transcribe_recording(engine: Engine, read_path: Path, path: Path, options: DecodeOptions,
+                          progress: ProgressCallback | None) -> Transcript:
     """Decode and transcribe the open recording; errors name the recording, not the descriptor."""
     try:
-        transcript = engine.transcribe_path(read_path, options)
+        transcript = engine.transcribe_path(read_path, options, progress=progress)
     except AudioDecodeError as exc:
         raise AudioDecodeError(path, exc.reason) from exc
     return transcript

@@ -7,20 +7,26 @@ costs one retry, not the service. Messages are the records of whisperd.protocol 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whisperd.errors import WhisperdError, is_permanent
 from whisperd.options import EngineSettings
-from whisperd.protocol import Fatal, JobDone, JobFailed, JobRequest, Ready, Stop
+from whisperd.protocol import Fatal, JobDone, JobFailed, JobProgress, JobRequest, Ready, Stop
+
+if TYPE_CHECKING:
+    from whisperd.engine import Progress, ProgressCallback
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"whisperd-worker"  # what ps, top and pgrep show (at most 15 bytes)
+PROGRESS_INTERVAL_S = 1.0  # status and systemd need no more; each report costs the daemon a status write
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -49,14 +55,31 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_job(engine: Any, request: JobRequest, jobs_done: int) -> JobDone | JobFailed:
+def progress_reporter(job_id: int, send: Callable[[JobProgress], None],
+                      interval: float = PROGRESS_INTERVAL_S) -> ProgressCallback:
+    """The engine's progress as JobProgress messages: the first at once (the daemon learns the
+    duration early), then at most one per `interval` (JobDone says the rest)."""
+    last = -math.inf
+
+    def report(progress: Progress) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval:
+            last = now
+            send(JobProgress(job_id, progress.position, progress.duration))
+
+    return report
+
+
+def run_job(engine: Any, request: JobRequest, jobs_done: int,
+            send_progress: Callable[[JobProgress], None] = lambda _: None) -> JobDone | JobFailed:
     from whisperd.recording import RecordingGone
     from whisperd.transcribe_file import transcribe_file
 
     try:
         result = transcribe_file(engine, request.path, request.options, request.outputs,
                                  inbox_root=request.inbox_root, follow_links_outside=request.follow_links_outside,
-                                 expected=request.expected)
+                                 expected=request.expected, progress=progress_reporter(request.job_id, send_progress))
     except Exception as exc:  # reported to the daemon, whose retry policy decides
         return JobFailed(job_id=request.job_id, pid=os.getpid(), jobs_done=jobs_done, error=describe_error(exc),
                          permanent=is_permanent(exc), gone=isinstance(exc, RecordingGone),
@@ -99,4 +122,4 @@ def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log
             return
         if isinstance(request, JobRequest):
             jobs_done += 1
-            conn.send(run_job(engine, request, jobs_done))
+            conn.send(run_job(engine, request, jobs_done, conn.send))

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from whisperd.engine.pipeline import TranscriptionError
+from whisperd.engine.pipeline import Progress, ProgressCallback, TranscriptionError
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Transcript
 
@@ -18,10 +18,15 @@ class Engine(Protocol):
     settings: EngineSettings
     device: str
 
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript: ...
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions, *,
+                   progress: ProgressCallback | None = None) -> Transcript: ...
 
-    def transcribe_path(self, path: Path | str, options: DecodeOptions) -> Transcript:
-        """The same transcript as `transcribe(decode_audio(path), ...)`, without holding the whole file."""
+    def transcribe_path(self, path: Path | str, options: DecodeOptions, *,
+                        progress: ProgressCallback | None = None) -> Transcript:
+        """The same transcript as `transcribe(decode_audio(path), ...)`, without holding the whole file.
+
+        `progress` is called once the duration is known, as decoding moves through the file, and at the end.
+        """
         ...
 
     def describe(self) -> dict[str, object]: ...
@@ -43,4 +48,4 @@ def create_engine(settings: EngineSettings) -> Engine:
     return WindowedEngine(TransformersBackend(settings, plan), settings, plan.device)
 
 
-__all__ = ["Engine", "TranscriptionError", "create_engine"]
+__all__ = ["Engine", "Progress", "ProgressCallback", "TranscriptionError", "create_engine"]

@@ -6,12 +6,13 @@ decides what reaches the model and what comes back out lives here, once, for eve
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import re
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,27 @@ class TranscriptionError(WhisperdError, RuntimeError):
     """A file could not be transcribed for a reason the user can act on (wrong language for the model...)."""
 
     permanent = True
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a transcription is, so a terminal or the daemon can show it while a long file runs.
+
+    `position` is the end of the last window decoded in order (seconds from the start of the
+    file); it only grows. `segments` are those just decoded, with file times, before the final
+    clean-up (`clean_segments`), for showing them as they come.
+    """
+
+    position: float
+    duration: float
+    segments: tuple[Segment, ...] = ()
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def _no_progress(_: Progress) -> None:
+    """The default callback: nobody is watching."""
 
 
 class WindowBackend(Protocol):
@@ -65,7 +87,9 @@ class WindowedEngine:
         self.backend = backend
         self.settings = settings
         self.device = device
-        self.detector = detector or SpeechDetector(threads=settings.threads)
+        # On CUDA the speech scan runs on the GPU too; elsewhere Silero's ONNX model on the CPU.
+        self.detector = detector or SpeechDetector(threads=settings.threads,
+                                                   device=device if device.startswith("cuda") else "cpu")
         self.detector.warm_up()
 
     @property
@@ -75,17 +99,20 @@ class WindowedEngine:
     def describe(self) -> dict[str, object]:
         return {**self.backend.describe(), "batch_size": self.settings.batch_size}
 
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
-        """Transcribe samples held in memory (16 kHz mono float32)."""
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions, *,
+                   progress: ProgressCallback | None = None) -> Transcript:
+        """Transcribe samples held in memory (16 kHz mono float32); `progress` hears after the
+        speech scan, after each batch and at the end."""
         started = time.perf_counter()
         windows = self._windows(audio, options)
         timings = {"vad_seconds": time.perf_counter() - started}
         pieces = (audio[w.start:w.end] for w in windows)
         return self._transcribe_windows(windows, pieces, len(audio), options, timings,
-                                        long_form=None if options.vad else audio)
+                                        long_form=None if options.vad else audio, progress=progress)
 
     def transcribe_path(self, path: Path | str, options: DecodeOptions, *, block_samples: int = BLOCK_SAMPLES,
-                        keep_seconds: float = KEEP_IN_MEMORY_SECONDS) -> Transcript:
+                        keep_seconds: float = KEEP_IN_MEMORY_SECONDS,
+                        progress: ProgressCallback | None = None) -> Transcript:
         """Transcribe an audio file with memory bounded by `block_samples`, however long the file.
 
         Pass 1 decodes the file block by block into the speech scan; pass 2 decodes it again and
@@ -96,7 +123,7 @@ class WindowedEngine:
         """
         path = Path(path)
         if not options.vad:
-            return self.transcribe(decode_audio(path), options)
+            return self.transcribe(decode_audio(path), options, progress=progress)
         if block_samples % BLOCK_ALIGN:
             raise ValueError(f"block_samples must be a multiple of {BLOCK_ALIGN}")
         started = time.perf_counter()
@@ -104,7 +131,32 @@ class WindowedEngine:
         windows = plan_windows(scan.spans(), scan.samples, self.detector.options)
         timings = {"vad_seconds": time.perf_counter() - started}  # decoding the file included
         blocks = _drain(kept) if kept is not None else _decode_again(path, block_samples, scan.samples)
-        return self._transcribe_windows(windows, window_samples(blocks, windows), scan.samples, options, timings)
+        return self._transcribe_windows(windows, window_samples(blocks, windows), scan.samples, options, timings,
+                                        progress=progress)
+
+    def transcribe_many(self, recordings: Sequence[Path | str | np.ndarray], options: DecodeOptions, *,
+                        at_once: int = 8) -> Iterator[Transcript | Exception]:
+        """Transcribe several recordings (files, or samples in memory), `at_once` in parallel, their
+        windows decoded in shared batches where the backend supports it (the static-cache decoder
+        does); yields each one's transcript, or the exception that failed it, in input order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        batches = getattr(self.backend, "shared_batches", None)
+        if batches is None:
+            at_once = 1  # nothing to share: one model call at a time
+
+        def one(recording: Path | str | np.ndarray) -> Transcript | Exception:
+            with batches.member() if batches is not None else contextlib.nullcontext():
+                try:
+                    if isinstance(recording, np.ndarray):
+                        return self.transcribe(recording, options)
+                    return self.transcribe_path(recording, options)
+                except Exception as exc:  # one bad file fails alone
+                    return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, min(at_once, len(recordings))),
+                                thread_name_prefix="transcribe") as pool:
+            yield from pool.map(one, recordings)
 
     def _scan(self, path: Path, block_samples: int, keep_seconds: float) -> tuple[SpeechScan, list[np.ndarray] | None]:
         """Pass 1: the speech scan, and the blocks if the recording is short enough to keep."""
@@ -123,11 +175,15 @@ class WindowedEngine:
 
     def _transcribe_windows(self, windows: list[Window], pieces: Iterator[np.ndarray], samples: int,
                             options: DecodeOptions, timings: dict[str, float],
-                            long_form: np.ndarray | None = None) -> Transcript:
+                            long_form: np.ndarray | None = None,
+                            progress: ProgressCallback | None = None) -> Transcript:
         """Language, then decoding: `pieces` yields each window's samples, in order, once."""
         duration = samples / SAMPLING_RATE
+        report = progress or _no_progress
+        report(Progress(0.0, duration))  # the duration is known: a bar can be shown from here
         if not windows:
             language = options.language if options.language != AUTO else NO_SPEECH_LANGUAGE
+            report(Progress(duration, duration))
             return self._transcript(language, None, [], duration, options, timings)
         embedder = speaker_embedder(options.speakers)
         if embedder is not None:
@@ -137,7 +193,8 @@ class WindowedEngine:
         self._check_task(language, options.task)
         started = time.perf_counter()
         if long_form is None:
-            segments = self._decode_windows(windows, itertools.chain([first], pieces), language, options)
+            segments = self._decode_windows(windows, itertools.chain([first], pieces), language, options,
+                                            lambda position, done: report(Progress(position, duration, done)))
         else:
             for _ in pieces:  # the embedder still sees every window
                 pass
@@ -148,6 +205,7 @@ class WindowedEngine:
             started = time.perf_counter()
             segments = label_with(embedder, segments, options.speakers)
             timings["speakers_seconds"] = time.perf_counter() - started
+        report(Progress(duration, duration))
         return self._transcript(language, probability, segments, duration, options, timings)
 
     def _transcript(self, language: str, probability: float | None, segments: list[Segment], duration: float,
@@ -195,13 +253,16 @@ class WindowedEngine:
             raise TranscriptionError(f"model {self.settings.model} is English-only and cannot translate")
 
     def _decode_windows(self, windows: list[Window], pieces: Iterable[np.ndarray], language: str,
-                        options: DecodeOptions) -> list[Segment]:
+                        options: DecodeOptions,
+                        decoded_up_to: Callable[[float, tuple[Segment, ...]], None] = lambda *_: None,
+                        ) -> list[Segment]:
         """Decode in batches; speech that a window's text skipped is decoded again on its own.
 
         Whisper sometimes ends a window after its first sentence, or jumps from the first sentence
         to the last and stretches one segment's timestamps over the speech in between; both leave
         VAD speech with no words on it (see `uncovered_speech`). A batch's holes are decoded right
-        after it, from its windows' samples, so that only one batch of audio is ever held.
+        after it, from its windows' samples, so that only one batch of audio is ever held. Then
+        `decoded_up_to` hears the end of the batch's last window and the batch's segments.
         """
         size = self.settings.batch_size
         # Sorted at the end by start, then by how deep the hole, then by window: the order does
@@ -209,6 +270,7 @@ class WindowedEngine:
         out: list[tuple[tuple[float, int, int], Segment]] = []
         todo = zip(windows, pieces)
         while batch := list(itertools.islice(todo, size)):
+            batch_start = len(out)
             pending = [_Job(window, samples) for window, samples in batch]
             while pending:
                 jobs, pending = pending[:size], pending[size:]
@@ -220,6 +282,8 @@ class WindowedEngine:
                     if job.retries < MAX_RESUMES_PER_WINDOW:
                         pending.extend(job.hole(hole, text_over(placed, hole))
                                        for hole in uncovered_speech(job.window, placed))
+            done = sorted(out[batch_start:], key=lambda item: item[0])
+            decoded_up_to(batch[-1][0].end / SAMPLING_RATE, tuple(seg for _, seg in done))
         out.sort(key=lambda item: item[0])
         return [seg for _, seg in out]
 

@@ -54,7 +54,10 @@ def check_srt(path: Path, duration: float) -> list[srt.Subtitle]:
     return cues
 
 
-def test_transcribe_many_formats_and_bad_files(tmp_path: Path, clip: Callable[[str], DevClip]) -> None:
+@pytest.mark.parametrize("engine_flags", [[], ["--backend", "transformers", "--precision", "fp32"]],
+                         ids=["default-engine", "static-decoder-files-side-by-side"])
+def test_transcribe_many_formats_and_bad_files(tmp_path: Path, clip: Callable[[str], DevClip],
+                                               engine_flags: list[str]) -> None:
     sources = {
         "reading.wav": clip("en_librivox_ss01_0870"),
         "librispeech.flac": clip("en_librispeech_61-70968-0000"),
@@ -74,10 +77,11 @@ def test_transcribe_many_formats_and_bad_files(tmp_path: Path, clip: Callable[[s
     empty.touch()
 
     paths = [str(p) for p, _ in files.values()] + [str(text_as_mp3), str(empty)]
-    result = whisperd("transcribe", *paths, "--output-format", "txt,srt,vtt,json")  # the default engine
+    result = whisperd("transcribe", *paths, "--output-format", "txt,srt,vtt,json", *engine_flags)
     assert result.returncode == 1, result.stderr  # some files failed, the others were still done
     lines = result.stdout.splitlines()
     assert len(lines) == len(paths)
+    assert [line.split(":")[0].split(" ", 1)[1] for line in lines] == paths  # one line per file, in order
     assert any(line.startswith("FAILED") and "notes.mp3: not an audio file" in line for line in lines)
     assert any(line.startswith("FAILED") and "empty.wav: empty file" in line for line in lines)
     assert not (tmp_path / "notes.txt").exists() and not (tmp_path / "empty.srt").exists()

@@ -48,7 +48,7 @@ def test_segment_cuts_match_transformers(sequence: list[int], seek: int) -> None
     ours, consumed = split_segments(sequence, seek, TIMESTAMP_BEGIN)
     left = 3000 - seek
     theirs, offset = WhisperGenerationMixin._retrieve_segment(
-        seek_sequence=torch.tensor(sequence), seek_outputs=[{}], time_offset=torch.tensor([seek * 0.01], dtype=torch.float64),
+        seek_sequence=torch.tensor(sequence), seek_outputs=[{}], time_offset=torch.tensor([seek], dtype=torch.float64) * 0.02 / 2,
         timestamp_begin=TIMESTAMP_BEGIN, seek_num_frames=torch.tensor([left]), time_precision=0.02,
         time_precision_features=0.01, input_stride=2, prev_idx=0, idx=0, return_token_timestamps=False,
         decoder_input_ids=torch.zeros(1, 3, dtype=torch.long))

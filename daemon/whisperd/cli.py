@@ -18,6 +18,9 @@ from whisperd.rules import DEFAULT_RULES, Rules, RuleSet, decode_options_from, d
 
 # Flags that keep an older spelling beside the one made from the field's name.
 FLAG_ALIASES = {"outputs": ["--output-format"]}
+# `whisperd transcribe`: files transcribed side by side (on the static-cache decoder their windows
+# share decode batches; other engines take them one at a time).
+FILES_AT_ONCE = 8
 
 
 def _comma_list(name: str, choices: tuple[str, ...], description: str) -> Callable[[str], tuple[str, ...]]:
@@ -114,7 +117,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from whisperd.engine import create_engine
     from whisperd.errors import WhisperdError
     from whisperd.terminal import TranscribeDisplay
-    from whisperd.transcribe_file import transcribe_file
+    from whisperd.transcribe_file import FileResult, transcribe_file
 
     try:
         rules = RuleSet.model_validate(field_values(args, Rules)).merged_over(DEFAULT_RULES)
@@ -125,15 +128,20 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     engine = create_engine(settings)
     failed = 0
     with TranscribeDisplay(verbose=args.verbose) as display:
-        for path in args.files:
-            try:
-                with display.file(path) as progress:
-                    result = transcribe_file(engine, path, options, rules.outputs, progress=progress)
-            except (WhisperdError, OSError) as exc:
+
+        def one(path: Path) -> FileResult:
+            with display.file(path) as progress:
+                return transcribe_file(engine, path, options, rules.outputs, progress=progress)
+
+        # Several files run side by side, their windows in shared batches where the engine can.
+        for path, result in zip(args.files, engine.side_by_side(args.files, one, at_once=FILES_AT_ONCE)):
+            if isinstance(result, (WhisperdError, OSError)):
                 failed += 1
-                print(f"FAILED {path}: {exc}", flush=True)
-                continue
-            print(f"ok {result.summary()}", flush=True)
+                print(f"FAILED {path}: {result}", flush=True)
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                print(f"ok {result.summary()}", flush=True)
     return 1 if failed else 0
 
 

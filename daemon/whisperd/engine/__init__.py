@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from whisperd.engine.pipeline import Progress, ProgressCallback, TranscriptionError
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Transcript
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Engine(Protocol):
@@ -27,6 +32,11 @@ class Engine(Protocol):
 
         `progress` is called once the duration is known, as decoding moves through the file, and at the end.
         """
+        ...
+
+    def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *, at_once: int = 8) -> Iterator[R | Exception]:
+        """`work(item)` for each item in threads whose windows share decode batches where the
+        backend can; each result, or the exception that failed it, in input order."""
         ...
 
     def describe(self) -> dict[str, object]: ...

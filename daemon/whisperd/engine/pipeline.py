@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Segment, Transcript
 from whisperd.vad import (BLOCK_ALIGN, BLOCK_SAMPLES, SAMPLING_RATE, Span, SpeechDetector, SpeechScan, Window,
                           plan_windows)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech to detect a language from
 # Recordings up to this long keep their samples from the speech scan for decoding (38 MB at
@@ -136,27 +139,35 @@ class WindowedEngine:
 
     def transcribe_many(self, recordings: Sequence[Path | str | np.ndarray], options: DecodeOptions, *,
                         at_once: int = 8) -> Iterator[Transcript | Exception]:
-        """Transcribe several recordings (files, or samples in memory), `at_once` in parallel, their
-        windows decoded in shared batches where the backend supports it (the static-cache decoder
-        does); yields each one's transcript, or the exception that failed it, in input order."""
+        """Transcribe several recordings (files, or samples in memory) side by side (see
+        `side_by_side`); yields each one's transcript, or the exception that failed it, in order."""
+
+        def one(recording: Path | str | np.ndarray) -> Transcript:
+            if isinstance(recording, np.ndarray):
+                return self.transcribe(recording, options)
+            return self.transcribe_path(recording, options)
+
+        return self.side_by_side(recordings, one, at_once=at_once)
+
+    def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *, at_once: int = 8) -> Iterator[R | Exception]:
+        """`work(item)` for each item, `at_once` in threads whose windows the backend decodes in
+        shared batches where it can (the static-cache decoder does; others run one at a time).
+        Yields each result, or the exception that failed that item alone, in input order."""
         from concurrent.futures import ThreadPoolExecutor
 
         batches = getattr(self.backend, "shared_batches", None)
         if batches is None:
             at_once = 1  # nothing to share: one model call at a time
 
-        def one(recording: Path | str | np.ndarray) -> Transcript | Exception:
+        def one(item: T) -> R | Exception:
             with batches.member() if batches is not None else contextlib.nullcontext():
                 try:
-                    if isinstance(recording, np.ndarray):
-                        return self.transcribe(recording, options)
-                    return self.transcribe_path(recording, options)
+                    return work(item)
                 except Exception as exc:  # one bad file fails alone
                     return exc
 
-        with ThreadPoolExecutor(max_workers=max(1, min(at_once, len(recordings))),
-                                thread_name_prefix="transcribe") as pool:
-            yield from pool.map(one, recordings)
+        with ThreadPoolExecutor(max_workers=max(1, min(at_once, len(items))), thread_name_prefix="transcribe") as pool:
+            yield from pool.map(one, items)
 
     def _scan(self, path: Path, block_samples: int, keep_seconds: float) -> tuple[SpeechScan, list[np.ndarray] | None]:
         """Pass 1: the speech scan, and the blocks if the recording is short enough to keep."""

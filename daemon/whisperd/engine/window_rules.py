@@ -14,6 +14,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 FRAMES_PER_WINDOW = 3000  # log-mel frames in 30 s
 INPUT_STRIDE = 2  # log-mel frames per encoder position (the encoder's second convolution)
 TIME_PRECISION = 0.02  # seconds per timestamp token
@@ -76,14 +78,15 @@ def split_segments(tokens: Sequence[int], seek: int, timestamp_begin: int) -> tu
     was said) or had no pair at all, otherwise up to its last complete segment, whose remainder is
     decoded again from there.
     """
-    offset = seek * FRAME_SECONDS
+    offset = seek * TIME_PRECISION / INPUT_STRIDE  # as transformers computes it, to the last bit
     left = FRAMES_PER_WINDOW - seek
     is_time = [t >= timestamp_begin for t in tokens]
     single_ending = is_time[-2:] == [False, True]
     cuts = [i + 1 for i in range(len(tokens) - 1) if is_time[i] and is_time[i + 1]]
     if not cuts:
         stamps = [t for t in tokens if t >= timestamp_begin]
-        last = int(left * FRAME_SECONDS / TIME_PRECISION)
+        # In float32, as transformers computes it from a tensor (an integer either side of a rounding).
+        last = int(np.float32(left) * np.float32(FRAME_SECONDS) / np.float32(TIME_PRECISION))
         if stamps and stamps[-1] != timestamp_begin:
             last = stamps[-1] - timestamp_begin
         return [RawSegment(offset, offset + last * TIME_PRECISION, tuple(tokens))], left

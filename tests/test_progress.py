@@ -128,6 +128,15 @@ def test_a_terminal_gets_a_bar_and_verbose_segments_go_to_stdout(capsys: pytest.
     assert capsys.readouterr().out == "[00:01.000 --> 00:02.500] Hi there.\n"
 
 
+def test_with_several_files_each_segment_names_its_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with TranscribeDisplay(verbose=True, console=Console(file=io.StringIO()), name_segments=True) as display, \
+            display.file(Path("/in/b.wav")) as b, display.file(Path("/in/a.wav")) as a:
+        b(Progress(30.0, 60.0, (Segment(1.0, 2.0, "Second."),)))
+        a(Progress(30.0, 60.0, (Segment(0.5, 1.0, "First."), Segment(1.0, 1.5, " "))))
+    assert capsys.readouterr().out == ("b.wav: [00:01.000 --> 00:02.000] Second.\n"
+                                       "a.wav: [00:00.500 --> 00:01.000] First.\n")
+
+
 def test_no_terminal_no_bar(capsys: pytest.CaptureFixture[str]) -> None:
     screen = io.StringIO()
     with TranscribeDisplay(verbose=False, console=Console(file=screen)) as display, \

@@ -127,7 +127,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     settings = EngineSettings().with_overrides(**field_values(args, EngineSettings))
     engine = create_engine(settings)
     failed = 0
-    with TranscribeDisplay(verbose=args.verbose) as display:
+    with TranscribeDisplay(verbose=args.verbose, name_segments=len(args.files) > 1) as display:
 
         def one(path: Path) -> FileResult:
             with display.file(path) as progress:

@@ -3,13 +3,16 @@
 The bar goes to stderr, and only when stderr is a TTY (FORCE_COLOR, which CI systems set, does not
 make a log file one; TTY_COMPATIBLE=0 turns the bar off on a TTY), so logs, pipes and CI output
 never fill with escape codes. Segments (`--verbose`) and results go to stdout; while a bar is shown
-on the same terminal, rich prints them above it instead of through it.
+on the same terminal, rich prints them above it instead of through it. Files may be transcribed
+side by side (their windows in shared batches), so with several files each segment line starts
+with its file's name.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +53,10 @@ def _clock(seconds: float) -> str:
 class TranscribeDisplay:
     """The bars of one `whisperd transcribe` run; `file(path)` gives the engine's progress callback."""
 
-    def __init__(self, verbose: bool, console: Console | None = None) -> None:
+    def __init__(self, verbose: bool, console: Console | None = None, *, name_segments: bool = False) -> None:
         self.verbose = verbose
+        self.name_segments = name_segments  # several files: their segments may come interleaved
+        self._print_lock = threading.Lock()  # one whole line at a time, whichever file's thread prints
         if console is None and sys.stderr.isatty():
             console = Console(stderr=True)
         self._bars = _bars(console) if console is not None else None
@@ -78,15 +83,23 @@ class TranscribeDisplay:
             if bars is not None and task is not None:
                 bars.update(task, total=progress.duration, completed=progress.position)
             if self.verbose:
-                for segment in progress.segments:
-                    if segment.text.strip():
-                        print(segment_line(segment), flush=True)
+                self._print_segments(path, progress.segments)
 
         try:
             yield update
         finally:
             if bars is not None and task is not None:
                 bars.stop_task(task)
+
+
+    def _print_segments(self, path: Path, segments: tuple[Segment, ...]) -> None:
+        """`[00:01.200 --> 00:04.800] text` lines (`talk.wav: [...] text` with several files)."""
+        prefix = f"{shown(path.name)}: " if self.name_segments else ""
+        lines = "".join(f"{prefix}{segment_line(seg)}\n" for seg in segments if seg.text.strip())
+        if lines:
+            with self._print_lock:
+                sys.stdout.write(lines)
+                sys.stdout.flush()
 
 
 def _bars(console: Console) -> Bars | None:

@@ -29,10 +29,31 @@ from whisperd.supervisor import WorkerStartError
 JOBS = JobConfig(max_attempts=3, retry_backoff_seconds=10.0)
 
 
-class FakeWorker:
+class OneJobAtATime:
+    """The supervisor's submit/poll over a fake's `run_job`: each job runs as it is submitted (an
+    exception from it is what a failed worker start raises) and its outcome comes from the next poll."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[int, JobOutcome] = {}
+
+    def submit(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+               on_progress: Callable[[JobProgress], None]) -> None:
+        self.outcomes[request.job_id] = self.run_job(request, timeout, tick, on_progress=on_progress)
+
+    def poll(self, tick: Callable[[], bool]) -> dict[int, JobOutcome]:
+        outcomes, self.outcomes = self.outcomes, {}
+        return outcomes
+
+    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+                on_progress: Callable[[JobProgress], None]) -> JobOutcome:
+        raise NotImplementedError
+
+
+class FakeWorker(OneJobAtATime):
     """Answers each job with the next outcome from a script (or raises it)."""
 
     def __init__(self, *script: JobOutcome | Exception) -> None:
+        super().__init__()
         self.script = list(script)
         self.requests: list[JobRequest] = []
 
@@ -117,10 +138,11 @@ def test_done_records_the_run_and_removes_an_old_note(store: JobStore, inbox: Pa
     assert request.inbox_root == inbox and request.outputs == ("txt", "srt")
 
 
-class ReportingWorker:
+class ReportingWorker(OneJobAtATime):
     """Reports `positions` (of a 1 s file) as the real worker does, then answers done."""
 
     def __init__(self, *positions: float) -> None:
+        super().__init__()
         self.positions = positions
 
     def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
@@ -145,6 +167,105 @@ def test_the_workers_progress_is_kept_for_status_while_the_job_runs(store: JobSt
     assert [(job_id, percent) for job_id, percent, _ in seen] == [(job.id, 0.0), (job.id, 50.0)]
     assert seen[0][2] is None and seen[1][2] is not None and seen[1][2] > 0
     assert runner.progress is None and runner.current is None, "a finished job leaves no progress behind"
+
+
+class SideBySideWorker:
+    """Holds every job it is sent until the next poll, then answers them all, the last sent first:
+    the worker process running several jobs at once (their windows in shared batches)."""
+
+    def __init__(self, outcome_for: Callable[[JobRequest], JobOutcome]) -> None:
+        self.outcome_for = outcome_for
+        self.in_worker: list[JobRequest] = []
+        self.together: list[list[str]] = []  # the names in the worker at each poll
+
+    def submit(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+               on_progress: Callable[[JobProgress], None]) -> None:
+        self.in_worker.append(request)
+
+    def poll(self, tick: Callable[[], bool]) -> dict[int, JobOutcome]:
+        held, self.in_worker = self.in_worker, []
+        self.together.append([r.path.name for r in held])
+        return {r.job_id: self.outcome_for(r) for r in reversed(held)}
+
+
+def run_queue(runner: JobRunner, store: JobStore, worker: SideBySideWorker) -> None:
+    """What the daemon's main loop does: claim while the worker has room, else wait on it."""
+    while True:
+        while runner.has_room() and (job := store.claim_next(now=1e12)) is not None:
+            runner.start_guarded(job, worker)
+        if not runner.busy:
+            return
+        runner.collect(worker)
+
+
+def test_jobs_side_by_side_are_each_recorded_on_their_own(store: JobStore, inbox: Path) -> None:
+    names = ["a.wav", "b.wav", "c.wav", "bad.wav", "d.wav"]
+    for name in names:
+        path = write_wav(inbox / name)
+        store.enqueue(path, path.stat().st_size, path.stat().st_mtime_ns)
+    runner = make_runner(store, inbox)
+    runner.at_once = 3
+
+    def outcome_for(request: JobRequest) -> JobOutcome:
+        if request.path.name == "bad.wav":
+            return error(permanent=True, text="bad.wav: not an audio file")
+        return done(request.path)
+
+    worker = SideBySideWorker(outcome_for)
+    run_queue(runner, store, worker)
+    assert worker.together == [["a.wav", "b.wav", "c.wav"], ["bad.wav", "d.wav"]]
+    for name in names:
+        [row] = store.history_for_path(inbox / name)
+        assert row.state == ("failed" if name == "bad.wav" else "done"), (name, row.state)
+        assert row.attempts == (1 if name == "bad.wav" else 0)
+        if row.state == "done":
+            assert row.extra["outputs"] == [str((inbox / name).with_suffix(".txt"))]
+    assert "not an audio file" in error_file_for(inbox / "bad.wav").read_text()
+    assert not error_file_for(inbox / "a.wav").exists()
+    assert not runner.running and runner.current is None
+
+
+def test_a_job_that_failed_before_waits_for_the_worker_to_empty_and_runs_alone(store: JobStore, inbox: Path) -> None:
+    first, suspect, later = (write_wav(inbox / n) for n in ("first.wav", "suspect.wav", "later.wav"))
+    for path in (first, suspect, later):
+        store.enqueue(path, path.stat().st_size, path.stat().st_mtime_ns)
+    claimed = [store.claim_next(), store.claim_next()]
+    assert [j.path for j in claimed if j] == [first, suspect]
+    store.requeue(claimed[0].id, error="requeued", token=claimed[0].token)  # type: ignore[union-attr]
+    # The suspect was in a worker that crashed: one failed attempt, retried at once.
+    store.mark_retry(claimed[1].id, "the worker process died during the job", 0, token=claimed[1].token)  # type: ignore[union-attr]
+    runner = make_runner(store, inbox)
+    runner.at_once = 3
+    worker = SideBySideWorker(lambda request: done(request.path))
+    run_queue(runner, store, worker)
+    assert worker.together == [["first.wav"], ["suspect.wav"], ["later.wav"]]
+    for path in (first, suspect, later):
+        assert store.latest_for_path(path).state == "done"  # type: ignore[union-attr]
+
+
+def test_jobs_beside_one_that_timed_out_go_back_to_the_queue_uncounted(store: JobStore, inbox: Path) -> None:
+    late, beside = write_wav(inbox / "late.wav"), write_wav(inbox / "beside.wav")
+    for path in (late, beside):
+        store.enqueue(path, path.stat().st_size, path.stat().st_mtime_ns)
+    runner = make_runner(store, inbox)
+    runner.at_once = 2
+    reason = "requeued: the worker was restarted because late.wav ran past its timeout"
+
+    def outcome_for(request: JobRequest) -> JobOutcome:  # what WorkerSupervisor._timed_out hands back
+        if request.path == late:
+            return error(AttemptOutcome.TIMEOUT, text="the job ran past its 300 s timeout; the worker was restarted")
+        return error(AttemptOutcome.INTERRUPTED, text=reason)
+
+    worker = SideBySideWorker(outcome_for)
+    for _ in range(2):
+        job = store.claim_next(now=1e12)
+        assert job is not None
+        runner.start_guarded(job, worker)
+    runner.collect(worker)
+    late_row, beside_row = store.latest_for_path(late), store.latest_for_path(beside)
+    assert late_row is not None and (late_row.state, late_row.attempts) == ("queued", 1)
+    assert beside_row is not None and (beside_row.state, beside_row.attempts, beside_row.last_error) == (
+        "queued", 0, reason)
 
 
 def test_transient_errors_are_retried_with_backoff_then_given_up(store: JobStore, inbox: Path) -> None:
@@ -307,11 +428,12 @@ def test_reload_into_an_engine_that_cannot_load_keeps_the_old_one(tmp_path: Path
 # -- several hosts on one job store ---------------------------------------------------------------
 
 
-class TickingWorker:
+class TickingWorker(OneJobAtATime):
     """Runs each job for `ticks` ticks (the supervisor ticks about twice a second), then answers;
     stops early, like the supervisor, when the tick says so."""
 
     def __init__(self, outcome: Callable[[Path], JobOutcome], ticks: int = 6, pause: float = 0.05) -> None:
+        super().__init__()
         self.outcome, self.ticks, self.pause = outcome, ticks, pause
         self.interrupted = False
 

@@ -77,6 +77,15 @@ class JobConfig(_Strict):
     retry_backoff_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each attempt")
     timeout_base_seconds: float = Field(120.0, gt=0)
     timeout_per_audio_second: float = Field(2.0, gt=0, description="per-job timeout = base + this x audio length")
+    at_once: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
+        "auto", description="jobs in the worker at once; auto: 8 where their windows share GPU batches, else 1")
+
+    def jobs_at_once(self, engine_suggests: int, engine_shares_batches: bool) -> int:
+        """Jobs to run side by side: a number only helps where the engine shares batches across
+        them; elsewhere they would only compete for the same cores, so it is one."""
+        if self.at_once == "auto":
+            return max(1, engine_suggests)
+        return self.at_once if engine_shares_batches else 1
 
     def timeout_for(self, audio_seconds: float | None) -> float:
         # Unknown length (probe failed): allow an hour of audio.

@@ -1,4 +1,4 @@
-"""One job through the worker, and its outcome into the job store: the state machine of an attempt.
+"""Jobs through the worker, and their outcomes into the job store: the state machine of an attempt.
 
 Separate from the daemon's lifecycle (start-up, signals, reload, shutdown: whisperd.service), so
 that every path a job can take (done, transient error, permanent error, timeout, crash,
@@ -9,6 +9,10 @@ Several hosts may share one job store: each claim carries a lease that `heartbea
 worker runs, and a fencing token that every outcome is recorded under, so a host that lost its
 claim (it hung, or lost the database for longer than the lease) cannot overwrite the outcome of the
 host that took the job over. `reap_expired` returns the jobs of hosts that stopped renewing.
+
+Up to `at_once` jobs run in the worker at once (on an engine whose windows share batches); each is
+recorded on its own. A job that failed before (it may be what crashes the worker) runs alone, so
+it cannot cost other jobs an attempt.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -46,10 +50,30 @@ T = TypeVar("T")
 
 
 class Worker(Protocol):
-    """What the runner needs of the supervised worker process."""
+    """What the runner needs of the supervised worker process (whisperd.supervisor)."""
 
-    def run_job(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
-                on_progress: Callable[[JobProgress], None]) -> JobOutcome: ...
+    def submit(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
+               on_progress: Callable[[JobProgress], None]) -> None: ...
+
+    def poll(self, tick: Callable[[], bool]) -> dict[int, JobOutcome]: ...
+
+
+@dataclass
+class RunningJob:
+    """A job in the worker: what recording its outcome needs, and what status shows of it."""
+
+    job: Job
+    rules: EffectiveRules | None  # None while it waits to run alone
+    started_at: float
+    renewed_at: float
+    progress: JobProgressEstimate | None = None
+    lease_lost: bool = False
+
+
+def _runs_alone(job: Job) -> bool:
+    """A job that failed before may be what crashes or stalls the worker: it runs with no other
+    job beside it, so a crash it causes again costs no other job an attempt."""
+    return job.attempts > 0
 
 
 def remove_stale_temp_outputs(audio: Path, older_than: float | None = None) -> None:
@@ -96,8 +120,8 @@ def write_error_note(path: Path, error: str, attempts: int) -> None:
 
 
 class JobRunner:
-    """Processes claimed jobs one at a time; `current` is the job in progress and `progress` how far
-    it is (for status)."""
+    """Runs claimed jobs through the worker, up to `at_once` side by side; `running` are the jobs in
+    the worker, with their progress (for status)."""
 
     def __init__(self, store: JobStore, jobs: JobConfig, rules: InboxRules,
                  on_change: Callable[[], None] = lambda: None, tick: Callable[[], bool] = lambda: True,
@@ -109,13 +133,32 @@ class JobRunner:
         self.rules = rules
         self.on_change = on_change
         self.tick = tick  # the daemon's: keeps the watchdog fed while we wait; False once we must stop
-        self.current: Job | None = None
-        self.progress: JobProgressEstimate | None = None
+        self.running: dict[int, RunningJob] = {}
+        # Claimed, and starts once the worker is empty: a job that failed before, or a newer version
+        # of a file whose older one is still in the worker (their outputs must not race).
+        self.waiting_alone: RunningJob | None = None
+        self.at_once = 1  # jobs in the worker at once (the service sets it from the engine)
         self.on_progress = on_progress  # after each of the worker's progress reports
-        self._started_at = 0.0
-        self.lease_lost = False
-        self._renewed_at = 0.0
+        self.lease_lost = False  # a lease was lost since the worker last started from empty
         self.configure(jobs)
+
+    @property
+    def current(self) -> Job | None:
+        """The longest-running job in the worker (status shows it first)."""
+        return next(iter(self.running.values())).job if self.running else None
+
+    @property
+    def progress(self) -> JobProgressEstimate | None:
+        return next(iter(self.running.values())).progress if self.running else None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running) or self.waiting_alone is not None
+
+    def has_room(self) -> bool:
+        """Whether another claimed job can start now."""
+        return (len(self.running) < self.at_once and self.waiting_alone is None
+                and not any(_runs_alone(r.job) for r in self.running.values()))
 
     def configure(self, jobs: JobConfig) -> None:
         """New retry and timeout settings (SIGHUP); they apply from the next attempt."""
@@ -139,7 +182,7 @@ class JobRunner:
         ours that no worker runs (the reply to a claim was lost with the connection) go back
         uncounted."""
         for job in self.store.running(owner=self.store.host_id):
-            if self.current is None or job.id != self.current.id:
+            if job.id not in self.running and (self.waiting_alone is None or job.id != self.waiting_alone.job.id):
                 try:
                     self.store.requeue(job.id, token=job.token, error="requeued: claimed by this host but never run")
                     log.info("job requeued", job_id=job.id, path=str(job.path), result="never_run")
@@ -160,25 +203,29 @@ class JobRunner:
     # -- leases -----------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """Renew the current job's lease, at most every third of the lease. A refused renewal means
-        another host took the job back: `lease_lost` makes the job tick stop the worker."""
-        job = self.current
-        if job is None or time.monotonic() - self._renewed_at < self.store.lease_seconds / 3:
-            return
-        self._renewed_at = time.monotonic()
-        try:
-            self.store.renew(job.id, job.token)
-        except JobStateError as exc:
-            self.lease_lost = True
-            log.warning("lease lost: another host has taken this job back; stopping it here",
-                        job_id=job.id, path=str(job.path), error=str(exc))
-        except JobStoreUnavailable as exc:
-            log.warning("cannot renew the job's lease: the job database is unavailable",
-                        job_id=job.id, path=str(job.path), error=str(exc))
+        """Renew the leases of the jobs in the worker (and of one waiting to run alone), each at
+        most every third of the lease. A refused renewal means another host took that job back:
+        `lease_lost` makes the job tick stop the worker."""
+        now = time.monotonic()
+        held = list(self.running.values()) + ([self.waiting_alone] if self.waiting_alone else [])
+        for running in held:
+            if now - running.renewed_at < self.store.lease_seconds / 3:
+                continue
+            running.renewed_at = now
+            job = running.job
+            try:
+                self.store.renew(job.id, job.token)
+            except JobStateError as exc:
+                running.lease_lost = self.lease_lost = True
+                log.warning("lease lost: another host has taken this job back; stopping it here",
+                            job_id=job.id, path=str(job.path), error=str(exc))
+            except JobStoreUnavailable as exc:
+                log.warning("cannot renew the job's lease: the job database is unavailable",
+                            job_id=job.id, path=str(job.path), error=str(exc))
 
     def _job_tick(self) -> bool:
         self.heartbeat()
-        return self.tick() and not self.lease_lost
+        return self.tick() and not any(r.lease_lost for r in self.running.values())
 
     def _record(self, call: Callable[[], T]) -> T:
         """A call the job store must see: while the database is unreachable, wait and try again
@@ -210,20 +257,60 @@ class JobRunner:
     # -- one job ----------------------------------------------------------------------------
 
     def process_guarded(self, job: Job, worker: Worker, tick: Callable[[], bool]) -> None:
-        """One job's unexpected error (a bug, a database hiccup) must not take the daemon down."""
+        """`job` from start to recorded outcome, with nothing else in the worker (tests, and a
+        service that runs one job at a time)."""
         self.tick = tick
+        self.start_guarded(job, worker)
+        while self.busy:
+            self.collect(worker)
+
+    process = process_guarded
+
+    def start_guarded(self, job: Job, worker: Worker) -> None:
+        """Check a claimed job and send it to the worker (or record why it cannot run)."""
+        same_file = any(r.job.path == job.path for r in self.running.values())  # a newer version of it
+        if (_runs_alone(job) or same_file) and self.running:
+            now = time.monotonic()
+            self.waiting_alone = RunningJob(job, None, started_at=now, renewed_at=now)
+            return
+        self._guarded(job, lambda: self._start(job, worker))
+
+    def collect(self, worker: Worker) -> None:
+        """Wait (about half a second at most) for the worker, and record each job that ended. A job
+        waiting to run alone starts once the worker is empty."""
+        outcomes = worker.poll(self._job_tick)
+        for job_id, outcome in outcomes.items():
+            running = self.running.pop(job_id, None)
+            if running is not None:
+                self._guarded(running.job, lambda r=running, o=outcome: self._record_outcome(r, o))
+        if not self.running:
+            if (waiting := self.waiting_alone) is not None:
+                self.waiting_alone = None
+                if waiting.lease_lost:  # another host took it back while it waited
+                    log.warning("job taken over by another host before it ran here", job_id=waiting.job.id,
+                                path=str(waiting.job.path))
+                else:
+                    self._guarded(waiting.job, lambda: self._start(waiting.job, worker))
+
+    def _record_outcome(self, running: RunningJob, outcome: JobOutcome) -> None:
+        assert running.rules is not None
+        self.record(running.job, outcome, running.rules, lease_lost=running.lease_lost)
+
+    def _guarded(self, job: Job, step: Callable[[], None]) -> None:
+        """One job's unexpected error (a bug, a database hiccup) must not take the daemon down, nor
+        the other jobs in the worker."""
         try:
-            self.process(job, worker, tick)
+            step()
         except JobStateError as exc:
-            self.current = None
+            self.running.pop(job.id, None)
             log.warning("job taken over by another host; this attempt's outcome is dropped",
                         job_id=job.id, path=str(job.path), error=str(exc))
         except JobStoreUnavailable as exc:
-            self.current = None
+            self.running.pop(job.id, None)
             log.warning("job database still unavailable while stopping; the job goes back to the queue "
                         "when this host restarts or its lease expires", job_id=job.id, error=str(exc))
         except Exception as exc:
-            self.current = None
+            self.running.pop(job.id, None)
             log.exception("unexpected error while handling a job", job_id=job.id, path=str(job.path))
             error = f"internal error in whisperd: {type(exc).__name__}: {exc}"
             try:
@@ -238,9 +325,7 @@ class JobRunner:
             except Exception:
                 log.exception("cannot record the failure", job_id=job.id)
 
-    def process(self, job: Job, worker: Worker, tick: Callable[[], bool]) -> None:
-        self.tick = tick
-        self.lease_lost = False
+    def _start(self, job: Job, worker: Worker) -> None:
         path = job.path
         bound = log.bind(job_id=job.id, path=str(path))
         try:
@@ -283,28 +368,30 @@ class JobRunner:
             return
         timeout = self.jobs.timeout_for(audio_seconds)
         remove_stale_temp_outputs(path, self.store.lease_seconds)
-        self.current, self.progress = job, None
-        self._renewed_at = self._started_at = time.monotonic()  # the claim has just set the lease
+        now = time.monotonic()  # the claim has just set the lease
+        if not self.running:
+            self.lease_lost = False
+        self.running[job.id] = running = RunningJob(job, rules, started_at=now, renewed_at=now)
         if self.metrics:
             self.metrics.job_started(job)
         self.on_change()
         bound.info("job started", audio_seconds=audio_seconds, attempt=job.attempts + 1,
-                   language=options.language, task=options.task, rules=[str(s) for s in rules.sources])
+                   language=options.language, task=options.task, rules=[str(s) for s in rules.sources],
+                   in_worker=len(self.running))
         request = JobRequest(job_id=job.id, path=path, options=options, outputs=rules.outputs,
                              inbox_root=inbox.path if inbox else None,
                              follow_links_outside=bool(inbox and inbox.follow_links_outside),
                              expected=(job.size, job.mtime_ns))
         try:
-            outcome = worker.run_job(request, timeout, self._job_tick, on_progress=self._progressed)
+            worker.submit(request, timeout, self._job_tick,
+                          on_progress=lambda report: self._progressed(running, report))
         except WorkerStartError as exc:
-            outcome = JobOutcome(AttemptOutcome.CRASHED, error=f"the worker could not start: {exc}")
-        finally:
-            self.current, self.progress = None, None
-        self.record(job, outcome, rules)
+            del self.running[job.id]
+            self.record(job, JobOutcome(AttemptOutcome.CRASHED, error=f"the worker could not start: {exc}"), rules)
 
-    def _progressed(self, report: JobProgress) -> None:
-        self.progress = JobProgressEstimate(report.position_seconds, report.duration_seconds,
-                                            time.monotonic() - self._started_at)
+    def _progressed(self, running: RunningJob, report: JobProgress) -> None:
+        running.progress = JobProgressEstimate(report.position_seconds, report.duration_seconds,
+                                               time.monotonic() - running.started_at)
         self.on_progress()
 
     def _finished(self, job: Job) -> None:
@@ -338,7 +425,7 @@ class JobRunner:
 
     # -- recording the outcome --------------------------------------------------------------
 
-    def record(self, job: Job, outcome: JobOutcome, rules: EffectiveRules) -> None:
+    def record(self, job: Job, outcome: JobOutcome, rules: EffectiveRules, *, lease_lost: bool = False) -> None:
         bound = log.bind(job_id=job.id, path=str(job.path))
         if outcome.kind is AttemptOutcome.DONE and outcome.done is not None:
             done = outcome.done
@@ -364,11 +451,11 @@ class JobRunner:
         elif outcome.kind is AttemptOutcome.INTERRUPTED:
             self._attempt(outcome.kind)
             remove_stale_temp_outputs(job.path, self.store.lease_seconds)
-            if self.lease_lost:
+            if lease_lost:
                 raise JobStateError(f"job {job.id}: the lease was lost during the job")
-            self._record(lambda: self.store.requeue(job.id, error="requeued: whisperd stopped during the job",
-                                                    token=job.token))
-            bound.info("job requeued", result="requeued")
+            reason = outcome.error if outcome.error.startswith("requeued:") else "requeued: whisperd stopped during the job"
+            self._record(lambda: self.store.requeue(job.id, error=reason, token=job.token))
+            bound.info("job requeued", result="requeued", reason=reason)
         else:
             self._failed_attempt(job, outcome.kind, outcome.error, permanent=outcome.permanent)
         self.on_change()

@@ -1,7 +1,9 @@
 """`whisperd run`: the daemon's lifecycle - start-up, signals, reload, shutdown - around the job runner.
 
 The watcher feeds the job store; the main loop claims jobs and hands each to the JobRunner
-(whisperd.runner), which runs it through the supervised worker and records the outcome.
+(whisperd.runner), which runs it through the supervised worker and records the outcome. While the
+worker has room (several jobs at once on an engine whose windows share batches), the loop claims
+more; otherwise it waits on the worker.
 
 Threads: watchdog's and the watcher's threads only enqueue; everything else (claiming, running,
 recording results, signals, sd_notify) happens on the main thread, so state changes have one owner.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from whisperd.atomic import atomic_write_text
 from whisperd.config import ConfigError, DaemonConfig, load_config
-from whisperd.jobstore import JobStore, JobStoreError, JobStoreUnavailable, load_host_id, open_job_store
+from whisperd.jobstore import Job, JobStateError, JobStore, JobStoreError, JobStoreUnavailable, load_host_id, open_job_store
 from whisperd.logs import configure_logging, get_logger
 from whisperd.naming import HOST_ID_ENV
 from whisperd.notify import Notifier
@@ -54,6 +56,8 @@ UNRECOGNISED_KEPT = 100  # names of unrecognised files remembered for `status` (
 #: Waits between attempts to reach an unavailable job database.
 STORE_RETRY_FIRST_S = 0.5
 STORE_RETRY_MAX_S = 10.0
+#: While jobs run and the queue was empty, look again this often (a new file wakes the loop at once).
+CLAIM_AGAIN_WHILE_BUSY_S = 5.0
 
 
 class Daemon:
@@ -83,6 +87,8 @@ class Daemon:
         self.store_down_since: float | None = None
         self._store_retry_s = STORE_RETRY_FIRST_S
         self._next_reap = 0.0
+        self._claimed_nothing_at: float | None = None  # monotonic; None when the last claim got a job
+        self._claims_paused_until = 0.0  # monotonic: the database failed while jobs were running
         # Files reported while the job database was unreachable, queued once it is back.
         self._pending: dict[Path, os.stat_result] = {}
         self._pending_lock = threading.Lock()
@@ -201,7 +207,7 @@ class Daemon:
         view = metrics.view
         view.store, view.inboxes = self.store, {i.inbox_id: i.path for i in self.config.inboxes}
         view.worker_up = lambda: bool(self.supervisor and self.supervisor.alive())
-        view.worker_busy = lambda: bool(self.runner and self.runner.current)
+        view.worker_busy = lambda: bool(self.runner and self.runner.running)
         view.events_lost = lambda: self.watcher.events_lost if self.watcher else 0
         try:
             metrics.serve(self.config.metrics.listen, self.config.metrics.textfile)
@@ -357,27 +363,80 @@ class Daemon:
 
     def _main_loop(self) -> None:
         assert self.store is not None and self.runner is not None
+        runner = self.runner
         while not self.stop_requested:
-            if self.reload_requested:
+            if self.reload_requested and not runner.busy:  # a new engine must not cut jobs short
                 self._reload()
-            if not self._ensure_worker():
+            if not runner.busy and not self._ensure_worker():
                 break
             self._tick()
             assert self.supervisor is not None
+            runner.at_once = self._jobs_at_once()
             try:
                 self._queue_pending()
                 self._reap_expired()
-                job = self.store.claim_next(worker_pid=self.supervisor.pid)
+                job = self._claim() if self._may_claim() else None
             except JobStoreError as exc:  # unreachable; or refusing us (a role dropped): retried too
-                self._store_unavailable(exc)
+                if runner.busy:  # the jobs in the worker come first; their outcomes wait for the database
+                    self._claims_paused_until = time.monotonic() + STORE_RETRY_MAX_S
+                    runner.collect(self.supervisor)
+                else:
+                    self._store_unavailable(exc)
                 continue
             self._store_available()
-            if job is None:
+            if job is not None:
+                runner.start_guarded(job, self.supervisor)
+            elif runner.busy:
+                runner.collect(self.supervisor)
+            else:
                 self.notifier.status(self._status_line())
                 self.wake.wait(self._idle_wait())
                 self.wake.clear()
-                continue
-            self.runner.process_guarded(job, self.supervisor, self._tick)
+        self._finish_running()
+
+    def _may_claim(self) -> bool:
+        """Claim when the worker has room, not while a reload waits for it to empty, and, while jobs
+        run, not again soon after the queue was found empty unless a file came in since."""
+        assert self.runner is not None
+        if not self.runner.has_room() or self.reload_requested:
+            return False
+        if not self.runner.busy:
+            return True
+        now = time.monotonic()
+        if now < self._claims_paused_until:
+            return False
+        if self._claimed_nothing_at is None:  # the last claim got a job: there may be more
+            return True
+        return self.wake.is_set() or now - self._claimed_nothing_at > CLAIM_AGAIN_WHILE_BUSY_S
+
+    def _claim(self) -> Job | None:
+        assert self.store is not None and self.supervisor is not None
+        self.wake.clear()  # before the query: a file queued after it wakes the next claim
+        job = self.store.claim_next(worker_pid=self.supervisor.pid)
+        self._claimed_nothing_at = time.monotonic() if job is None else None
+        return job
+
+    def _jobs_at_once(self) -> int:
+        """From `jobs.at_once` and what the loaded engine can share (one where it shares nothing)."""
+        sup = self.supervisor
+        engine = sup.ready_info.engine if sup and sup.ready_info else {}
+        return self.config.jobs.jobs_at_once(int(engine.get("jobs_at_once", 1)),
+                                             bool(engine.get("shares_batches", False)))
+
+    def _finish_running(self) -> None:
+        """Stopping: the jobs in the worker finish until the stop deadline, then go back to the queue
+        uncounted; a job claimed to run alone goes back at once."""
+        assert self.runner is not None and self.store is not None
+        runner = self.runner
+        if (waiting := runner.waiting_alone) is not None:
+            runner.waiting_alone = None
+            try:
+                self.store.requeue(waiting.job.id, error="requeued: whisperd stopped before the job ran",
+                                   token=waiting.job.token)
+            except (JobStoreError, JobStateError) as exc:  # recovered at restart, or by another host
+                log.warning("cannot requeue a claimed job", job_id=waiting.job.id, error=str(exc))
+        while runner.running and self.supervisor is not None:
+            runner.collect(self.supervisor)
 
     def _reap_expired(self) -> None:
         """Take back jobs whose host stopped renewing their lease; a few times per lease."""
@@ -488,13 +547,15 @@ class Daemon:
                f"{counts.get('failed', 0)} failed"
 
     def _running_text(self) -> str:
+        """`transcribing talk.m4a: 42% (eta 1m10s)`, with `and N more` when several jobs run."""
         runner = self.runner
         if runner is None or runner.current is None:
             return "idle"
+        more = f" and {len(runner.running) - 1} more" if len(runner.running) > 1 else ""
         if runner.progress is None:
-            return f"transcribing {runner.current.path.name}"
+            return f"transcribing {runner.current.path.name}{more}"
         percent, *eta = progress_parts(runner.progress.to_dict())
-        return f"transcribing {runner.current.path.name}: {percent}" + "".join(f" ({part})" for part in eta)
+        return f"transcribing {runner.current.path.name}: {percent}" + "".join(f" ({part})" for part in eta) + more
 
     def _write_status(self, force: bool = False) -> None:
         """daemon.json in the state directory, for `whisperd status` from another process."""
@@ -503,13 +564,15 @@ class Daemon:
             return
         self._last_status_write = now
         sup = self.supervisor
+        running = self._running_jobs()
         status = DaemonStatus(
             pid=os.getpid(), started_at=self.started_at, updated_at=now,
             ready=bool(sup and sup.ready_info and sup.alive()),
             worker_pid=sup.pid if sup else None,
             worker_starts=sup.starts if sup else 0,
             engine=dict(sup.ready_info.engine) if sup and sup.ready_info else None,
-            current_job=self._current_job(),
+            current_job=next(iter(running), None),
+            running_jobs=running,
             inboxes=[str(i.path) for i in self.config.inboxes],
             stopping=self.stop_requested,
             unrecognised_files=self._unrecognised_existing(),
@@ -523,13 +586,13 @@ class Daemon:
         except OSError as exc:
             log.warning("cannot write status file", error=str(exc))
 
-    def _current_job(self) -> dict[str, Any] | None:
-        """The running job for daemon.json: progress is null until the worker's first report."""
+    def _running_jobs(self) -> list[dict[str, Any]]:
+        """The jobs in the worker for daemon.json: progress is null until the worker's first report."""
         runner = self.runner
-        if runner is None or runner.current is None:
-            return None
-        progress = runner.progress.to_dict() if runner.progress else None
-        return {"id": runner.current.id, "path": str(runner.current.path), "progress": progress}
+        if runner is None:
+            return []
+        return [{"id": r.job.id, "path": str(r.job.path), "progress": r.progress.to_dict() if r.progress else None}
+                for r in runner.running.values()]
 
     def _unrecognised_existing(self) -> list[dict[str, str]]:
         """The remembered unrecognised files that are still there (renamed or removed ones drop out)."""
@@ -549,7 +612,7 @@ class Daemon:
         if self.hooks:
             self.hooks.stop()
         if self.runner:
-            self.runner.current = None
+            self.runner.running.clear()
         self._write_status(force=True)
         if self.store:
             self.store.close()

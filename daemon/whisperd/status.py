@@ -83,6 +83,7 @@ class DaemonStatus:
     worker_starts: int = 0
     engine: dict[str, Any] | None = None
     current_job: dict[str, Any] | None = None  # {"id", "path", "progress"}: progress from JobProgressEstimate.to_dict
+    running_jobs: list[dict[str, Any]] = field(default_factory=list)  # every job in the worker, current_job first
     inboxes: list[str] = field(default_factory=list)
     stopping: bool = False
     unrecognised_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
@@ -126,8 +127,9 @@ def _job_summary(job: Job) -> dict[str, Any]:
 def _with_progress(job: dict[str, Any], daemon: dict[str, Any] | None) -> dict[str, Any]:
     """A running job with its progress when it is this host's live daemon's job (other hosts'
     jobs, and a dead daemon's last report, have none)."""
-    current = daemon.get("current_job") if daemon and daemon.get("alive") else None
-    progress = current.get("progress") if isinstance(current, dict) and current.get("id") == job["id"] else None
+    alive = bool(daemon and daemon.get("alive"))
+    reported = (daemon.get("running_jobs") or [daemon.get("current_job")]) if daemon and alive else []
+    progress = next((r.get("progress") for r in reported if isinstance(r, dict) and r.get("id") == job["id"]), None)
     return {**job, "progress": progress}
 
 

@@ -1,7 +1,10 @@
-"""The inference worker process: loads the model once, then transcribes one job at a time.
+"""The inference worker process: loads the model once, then transcribes the jobs it is sent.
 
 It runs apart from the daemon so that a native crash, a hang or a leak in the inference stack
 costs one retry, not the service. Messages are the records of whisperd.protocol over a Pipe.
+Each job runs in a thread of its own, so that jobs the daemon sends while others run have their
+windows decoded in the same batches (on an engine that shares batches; the daemon sends one job at
+a time to one that does not). Replies and progress are sent whole, one at a time, under a lock.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import ctypes
 import math
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -112,7 +116,26 @@ def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log
         conn.send(Fatal(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5)))
         return
     conn.send(Ready(pid=os.getpid(), load_seconds=time.perf_counter() - started, engine=engine.describe()))
+    serve_jobs(conn, engine)
+
+
+def serve_jobs(conn: Connection, engine: Any) -> None:
+    """Run each JobRequest in its own thread until Stop or the daemon's end of the pipe closes."""
+    send_lock = threading.Lock()
     jobs_done = 0
+
+    def send(message: object) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def run(request: JobRequest, number: int) -> None:
+        with engine.sharing():
+            reply = run_job(engine, request, number, send)
+        try:
+            send(reply)
+        except OSError:  # the daemon is gone; PR_SET_PDEATHSIG ends this process
+            pass
+
     while True:
         try:
             request = conn.recv()
@@ -122,4 +145,4 @@ def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log
             return
         if isinstance(request, JobRequest):
             jobs_done += 1
-            conn.send(run_job(engine, request, jobs_done, conn.send))
+            threading.Thread(target=run, args=(request, jobs_done), name=f"job-{request.job_id}", daemon=True).start()

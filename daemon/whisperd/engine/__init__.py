@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -37,6 +38,15 @@ class Engine(Protocol):
     def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *, at_once: int = 8) -> Iterator[R | Exception]:
         """`work(item)` for each item in threads whose windows share decode batches where the
         backend can; each result, or the exception that failed it, in input order."""
+        ...
+
+    def sharing(self) -> AbstractContextManager[None]:
+        """Around one transcription run in its own thread beside others (see side_by_side)."""
+        ...
+
+    @property
+    def jobs_at_once(self) -> int:
+        """How many recordings to hand this engine at once (1 unless they share batches)."""
         ...
 
     def describe(self) -> dict[str, object]: ...

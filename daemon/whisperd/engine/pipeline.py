@@ -35,6 +35,8 @@ NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech t
 # most); longer ones are decoded from the file a second time, which costs little next to
 # transcribing them (Opus decodes at ~400x real time on one core, WAV and FLAC much faster).
 KEEP_IN_MEMORY_SECONDS = 10 * 60
+#: Recordings a service runs at once on an engine whose windows share batches on an accelerator.
+JOBS_AT_ONCE_SHARED = 8
 
 
 class TranscriptionError(WhisperdError, RuntimeError):
@@ -100,7 +102,27 @@ class WindowedEngine:
         return getattr(self.backend, "model", None)
 
     def describe(self) -> dict[str, object]:
-        return {**self.backend.describe(), "batch_size": self.settings.batch_size}
+        return {**self.backend.describe(), "batch_size": self.settings.batch_size,
+                "shares_batches": self.shares_batches, "jobs_at_once": self.jobs_at_once}
+
+    @property
+    def shares_batches(self) -> bool:
+        """Whether transcriptions running side by side have their windows decoded in one batch."""
+        return getattr(self.backend, "shared_batches", None) is not None
+
+    @property
+    def jobs_at_once(self) -> int:
+        """How many recordings a service should hand this engine at once: several where their
+        windows share the accelerator's batches, one where they would only compete for cores."""
+        return JOBS_AT_ONCE_SHARED if self.shares_batches and self.device != "cpu" else 1
+
+    @contextlib.contextmanager
+    def sharing(self) -> Iterator[None]:
+        """Around one transcription that runs beside others (in its own thread): batches wait for
+        its windows while it runs, and stop waiting once it ends."""
+        batches = getattr(self.backend, "shared_batches", None)
+        with batches.member() if batches is not None else contextlib.nullcontext():
+            yield
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions, *,
                    progress: ProgressCallback | None = None) -> Transcript:
@@ -155,12 +177,11 @@ class WindowedEngine:
         Yields each result, or the exception that failed that item alone, in input order."""
         from concurrent.futures import ThreadPoolExecutor
 
-        batches = getattr(self.backend, "shared_batches", None)
-        if batches is None:
+        if not self.shares_batches:
             at_once = 1  # nothing to share: one model call at a time
 
         def one(item: T) -> R | Exception:
-            with batches.member() if batches is not None else contextlib.nullcontext():
+            with self.sharing():
                 try:
                     return work(item)
                 except Exception as exc:  # one bad file fails alone

@@ -108,7 +108,9 @@ class TransformersBackend:
         # One thread at a time on the device: graphs are captured on first use of a batch size,
         # and a capture must see no other thread's kernels.
         self._device_lock = threading.RLock()
-        self.shared_batches: SharedBatches[_Row, Attempt] = SharedBatches(self._decode_rows, SHARED_BATCH_ROWS)
+        # generate() decodes one caller's windows at a time: only the static decoder shares batches.
+        self.shared_batches: SharedBatches[_Row, Attempt] | None = (
+            SharedBatches(self._decode_rows, SHARED_BATCH_ROWS) if self.static is not None else None)
         self.log_mel = LogMel(self.processor.feature_extractor.mel_filters, self.device)
         if self.device != "cpu":
             self.warm_up()
@@ -200,6 +202,7 @@ class TransformersBackend:
         temperatures = options.temperatures
 
         def run(passes: list[Pass]) -> list[Attempt]:
+            assert self.shared_batches is not None
             return self.shared_batches.decode(
                 [_Row(features[p.window], p.seek, prefix, temperatures[p.attempt]) for p in passes])
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import soundfile
 
 import whisperd.audio
 from whisperd.audio import MIN_DECODED_SECONDS, AudioDecodeError, decode_audio, probe_duration, stream_audio
@@ -458,9 +461,280 @@ def test_mono_16k_skips_the_resampler_with_the_same_samples(clip_id: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Frames already mono at 16 kHz are converted in NumPy; the resampler gives the same bits."""
     [source] = fetch_clips([clip_id])
+    monkeypatch.setattr(whisperd.audio, "soundfile", None)  # PyAV decodes these clips, not libsndfile
     direct = decode_audio(source.path)
     with av.open(str(source.path)) as container:
         frame = next(container.decode(audio=0))
         assert whisperd.audio._AsIs.fits(frame, 16000)  # this clip takes the NumPy path
     monkeypatch.setattr(whisperd.audio, "_group_for", whisperd.audio._ResampleGroup)
     assert np.array_equal(decode_audio(source.path), direct)
+
+
+# --- mono WAV and FLAC at the target rate: libsndfile, with PyAV's samples -----------------
+
+
+def with_pyav(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+              path: Path) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """decode_audio, stream_audio's blocks and the damage warnings of the PyAV path alone."""
+    with monkeypatch.context() as m:
+        m.setattr(whisperd.audio, "soundfile", None)
+        return decode_and_stream(caplog, path)
+
+
+def decode_and_stream(caplog: pytest.LogCaptureFixture, path: Path) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="whisperd.audio"):
+        audio = decode_audio(path)
+        blocks = list(stream_audio(path, block_samples=16000, log_damage=False))
+    return audio, blocks, [r.getMessage() for r in caplog.records]
+
+
+def count_handovers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many samples libsndfile had handed out each time PyAV took over (0: not its file)."""
+    counts: list[int] = []
+    skip = whisperd.audio._skip
+
+    def spy(pieces, count: int):
+        counts.append(count)
+        return skip(pieces, count)
+
+    monkeypatch.setattr(whisperd.audio, "_skip", spy)
+    return counts
+
+
+def assert_same(got: tuple[np.ndarray, list[np.ndarray], list[str]],
+                expected: tuple[np.ndarray, list[np.ndarray], list[str]]) -> None:
+    audio, blocks, warnings = got
+    assert audio.size == expected[0].size and np.array_equal(audio, expected[0])  # bit for bit
+    assert [b.size for b in blocks] == [b.size for b in expected[1]]
+    assert all(np.array_equal(a, b) for a, b in zip(blocks, expected[1], strict=True))
+    assert warnings == expected[2]
+
+
+@pytest.fixture
+def small_libsndfile_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Several libsndfile reads even in a short clip, not aligned with stream_audio's blocks."""
+    monkeypatch.setattr(whisperd.audio, "_LIBSNDFILE_BLOCK", 10_007)
+    return 10_007
+
+
+@pytest.mark.parametrize("clip_id", [SOURCE_CLIP, "en_goforward", "en_librispeech_61-70968-0000",
+                                     "en_mfa_mfa_surround"])
+@pytest.mark.parametrize("block", [10_007, None])
+def test_libsndfile_reads_mono_16k_clips_as_pyav_does(clip_id: str, block: int | None,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    path = clip(clip_id).path  # 16-bit mono 16 kHz WAV and FLAC
+    if block:
+        monkeypatch.setattr(whisperd.audio, "_LIBSNDFILE_BLOCK", block)
+    expected = with_pyav(monkeypatch, caplog, path)
+    handovers = count_handovers(monkeypatch)
+    got = decode_and_stream(caplog, path)
+    assert handovers == []  # libsndfile read them to the end
+    assert_same(got, expected)
+    assert got[2] == []
+    decoder = whisperd.audio._Decoder(path, SR)  # the header's length, for the buffer and the damage check
+    assert sum(piece.size for piece in decoder.pieces()) == expected[0].size
+    assert decoder.declared == probe_duration(path) == expected[0].size / SR
+
+
+def test_libsndfile_path_needs_no_pyav(monkeypatch: pytest.MonkeyPatch) -> None:
+    flac, wav = clip("en_librispeech_61-70968-0000").path, clip(SOURCE_CLIP).path
+    expected = {p: decode_audio(p) for p in (flac, wav)}
+    opened: list[str] = []
+
+    def no_pyav(*args, **kwargs):
+        opened.append(str(args[0]))
+        raise AssertionError("PyAV opened a file that libsndfile reads")
+
+    monkeypatch.setattr(whisperd.audio.av, "open", no_pyav)
+    for path in (flac, wav):
+        assert np.array_equal(decode_audio(path), expected[path])
+        assert np.array_equal(np.concatenate(list(stream_audio(path, block_samples=5000))), expected[path])
+    assert opened == []
+    stereo = clip("en_mfa_michaelandsickmichael").path
+    with pytest.raises(AssertionError, match="PyAV opened"):
+        decode_audio(stereo)
+    assert opened == [str(stereo)]
+
+
+@pytest.mark.parametrize(
+    ("major", "subtype", "suffix"),
+    [
+        ("WAV", "PCM_16", ".wav"),
+        ("WAV", "PCM_24", ".wav"),
+        ("WAV", "FLOAT", ".wav"),
+        ("WAVEX", "PCM_24", ".wav"),
+        ("RF64", "PCM_16", ".wav"),
+        ("W64", "FLOAT", ".w64"),
+        ("FLAC", "PCM_16", ".flac"),
+        ("FLAC", "PCM_24", ".flac"),
+    ],
+)
+def test_libsndfile_reads_pcm_flac_and_float_as_pyav_does(
+    tmp_path: Path, source_speech: np.ndarray, major: str, subtype: str, suffix: str,
+    small_libsndfile_blocks: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Speech with noise below the 16-bit step, so that 24-bit and float samples use their extra
+    # precision, and (float only) peaks beyond [-1, 1] that both paths must clip the same way.
+    noise = np.random.default_rng(1).normal(0, 1e-5, source_speech.size)
+    signal = (0.9 * source_speech + noise).astype(np.float32)
+    signal[1000:1010] = 1.4
+    signal[2000:2010] = -1.7
+    path = tmp_path / f"speech{suffix}"
+    soundfile.write(path, signal, SR, format=major, subtype=subtype)
+    assert (soundfile.info(path).format, soundfile.info(path).subtype) == (major, subtype)
+    expected = with_pyav(monkeypatch, caplog, path)
+    handovers = count_handovers(monkeypatch)
+    got = decode_and_stream(caplog, path)
+    assert handovers == []
+    assert_same(got, expected)
+    if subtype == "FLOAT":
+        assert np.array_equal(got[0][3000:], signal[3000:])  # not quantised
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("stereo.wav", lambda x: (np.stack([x, 0.5 * x], axis=1), SR)),
+        ("44k.wav", lambda x: (x, 44100)),
+        ("8bit.wav", lambda x: (x, SR)),
+        ("8k.flac", lambda x: (x, 8000)),
+    ],
+)
+def test_other_wavs_and_flacs_still_go_through_pyav(
+    tmp_path: Path, source_speech: np.ndarray, name: str, make, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    samples, rate = make(source_speech)
+    path = tmp_path / name
+    soundfile.write(path, samples, rate, subtype="PCM_U8" if name == "8bit.wav" else "PCM_16")
+    expected = with_pyav(monkeypatch, caplog, path)
+    handovers = count_handovers(monkeypatch)
+    reads: list[int] = []
+    read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read",
+                        lambda self, frames, **kw: reads.append(frames) or read(self, frames, **kw))
+    got = decode_and_stream(caplog, path)
+    assert handovers == [0, 0] and reads == []  # decode_audio and stream_audio: all PyAV's
+    assert_same(got, expected)
+    assert abs(got[0].size - len(samples) * SR / rate) <= SR // 100  # resampled to 16 kHz mono
+
+
+def test_libsndfile_opens_nothing_but_wav_and_flac(tmp_path: Path, source_speech: np.ndarray,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mono 16 kHz too, but files of libsndfile's other formats are left to PyAV unparsed.
+    paths = [tmp_path / "speech.aiff", tmp_path / "speech.caf", tmp_path / "speech.au", tmp_path / "speech.wav"]
+    for path in paths:
+        soundfile.write(path, source_speech, SR, subtype="PCM_16")
+    opened: list[object] = []
+    init = soundfile.SoundFile.__init__
+    monkeypatch.setattr(soundfile.SoundFile, "__init__",
+                        lambda self, file, *args, **kw: opened.append(file) or init(self, file, *args, **kw))
+    decoded = [decode_audio(path) for path in paths]
+    assert all(audio.size == source_speech.size for audio in decoded)
+    assert len(opened) == 1  # the WAV
+
+
+def cut(data: bytes, fraction: float) -> bytes:
+    return data[: int(len(data) * fraction)]
+
+
+def garble(data: bytes, fraction: float) -> bytes:
+    damaged = bytearray(data)
+    start = int(len(data) * fraction)
+    damaged[start : start + 300] = np.random.default_rng(start).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    return bytes(damaged)
+
+
+def set_flac_length(data: bytes, samples: int) -> bytes:
+    """The STREAMINFO's total sample count (36 bits at byte 13 of its body); 0 means unknown."""
+    at = data.index(b"fLaC") + 8 + 10
+    field = int.from_bytes(data[at : at + 8], "big")
+    field = (field & ~((1 << 36) - 1)) | samples
+    return data[:at] + field.to_bytes(8, "big") + data[at + 8 :]
+
+
+def set_wav_data_size(data: bytes, size: int) -> bytes:
+    at = data.index(b"data") + 4
+    return data[:at] + struct.pack("<I", size) + data[at + 4 :]
+
+
+FLAC_CLIP = "en_mfa_mfa_surround"  # 13.2 s, 16-bit mono 16 kHz FLAC
+FLAC_CLIP_2 = "en_mfa_whisper"
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "handover"),
+    [
+        # Truncated: libsndfile stops with an error part-way; PyAV goes on from there.
+        ("cut-0.3.flac", lambda flac, wav: cut(flac, 0.3), "part-way"),
+        ("cut-0.5.flac", lambda flac, wav: cut(flac, 0.5), "part-way"),
+        ("cut-0.97.flac", lambda flac, wav: cut(flac, 0.97), "part-way"),
+        # A corrupt frame in the middle: ffmpeg conceals it, libFLAC reports it.
+        ("garbled.flac", lambda flac, wav: garble(flac, 0.5), "part-way"),
+        # Two FLACs glued together: the header gives the first one's length, ffmpeg decodes on.
+        ("glued.flac", lambda flac, wav: flac + clip(FLAC_CLIP_2).path.read_bytes(), "part-way"),
+        # Headers that say too much or nothing.
+        ("huge.flac", lambda flac, wav: set_flac_length(flac, 10**9), "part-way"),
+        ("no-length.flac", lambda flac, wav: set_flac_length(flac, 0), "from the start"),
+        ("no-length.wav", lambda flac, wav: set_wav_data_size(wav, 0), "from the start"),
+        # A WAV cut short (mid-sample, too): libsndfile and ffmpeg both take the data that is there.
+        ("cut-0.5.wav", lambda flac, wav: cut(wav, 0.5)[:-1], None),
+        ("cut-0.9.wav", lambda flac, wav: cut(wav, 0.9), None),
+        ("streamed.wav", lambda flac, wav: set_wav_data_size(wav, 0xFFFFFFFF), None),
+        # A tag after the last frame is read with it: no reason to hand over.
+        ("id3v1.flac", lambda flac, wav: flac + b"TAG" + b"\0" * 125, None),
+    ],
+)
+def test_damaged_mono_16k_files_come_out_as_pyav_makes_them(
+    tmp_path: Path, name: str, make, handover: str | None, small_libsndfile_blocks: int,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(make(clip(FLAC_CLIP).path.read_bytes(), clip(SOURCE_CLIP).path.read_bytes()))
+    expected = with_pyav(monkeypatch, caplog, path)
+    handovers = count_handovers(monkeypatch)
+    got = decode_and_stream(caplog, path)
+    assert_same(got, expected)
+    if handover == "part-way":  # libsndfile handed out blocks before it stopped, PyAV none of them again
+        assert len(handovers) == 2 and all(0 < n < expected[0].size for n in handovers), handovers
+    elif handover == "from the start":
+        assert handovers == [0, 0]
+    else:
+        assert handovers == []
+    if name.endswith(".flac") and name.startswith(("cut", "huge")):  # (ffmpeg conceals a garbled frame silently)
+        assert any("damaged audio" in w for w in got[2]), got[2]  # PyAV's accounting, as without libsndfile
+
+
+def test_a_short_read_hands_over_to_pyav(small_libsndfile_blocks: int, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    # libsndfile returning fewer samples than asked without an error (the file shrank while it
+    # was read, ...): what it returned is not handed out, PyAV goes on from the blocks before.
+    path = clip(FLAC_CLIP).path
+    expected = with_pyav(monkeypatch, caplog, path)
+    read = soundfile.SoundFile.read
+    third = 2 * small_libsndfile_blocks
+
+    def short_from_the_third_block(self: soundfile.SoundFile, frames: int, **kwargs) -> np.ndarray:
+        start = self.tell()
+        block = read(self, frames, **kwargs)
+        return block[: frames // 2] if start >= third else block
+
+    monkeypatch.setattr(soundfile.SoundFile, "read", short_from_the_third_block)
+    handovers = count_handovers(monkeypatch)
+    assert_same(decode_and_stream(caplog, path), expected)
+    assert handovers == [third, third]
+
+
+def test_threads_decode_copies_of_a_file_as_one_thread_does(tmp_path: Path) -> None:
+    sources = [clip(FLAC_CLIP).path, clip(SOURCE_CLIP).path]
+    copies = [tmp_path / f"{i}{sources[i % 2].suffix}" for i in range(4)]
+    for i, copy in enumerate(copies):
+        copy.write_bytes(sources[i % 2].read_bytes())
+    alone = [decode_audio(p) for p in copies]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(decode_audio, copies))
+        streamed = list(pool.map(lambda p: np.concatenate(list(stream_audio(p, block_samples=7000))), copies))
+    for a, b, c in zip(alone, together, streamed, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)

@@ -74,8 +74,16 @@ def run_daemon(at_once: str, sources: list[Path], args: argparse.Namespace, root
                     break
         finally:
             daemon.terminate()
-            daemon.wait(60)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
     events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    if not rows or any(r["state"] not in ("done", "failed") for r in rows) or len(rows) < args.files:
+        print(f"the run did not finish: {len(rows)} jobs, states {sorted(r['state'] for r in rows)}; the daemon's log ends:",
+              *[line for line in log_path.read_text(errors="replace").splitlines()
+                if '"inbox scan done"' not in line][-40:], sep="\n", file=sys.stderr)
     done = [r for r in rows if r["state"] == "done"]
     wall = max(r["finished_at"] for r in done) - min(r["started_at"] for r in done) if done else float("nan")
     audio = sum(r["audio_seconds"] or 0.0 for r in done)

@@ -96,6 +96,17 @@ def run_job(engine: Any, request: JobRequest, jobs_done: int,
     )
 
 
+def internal_error(request: JobRequest, jobs_done: int, what: str, exc: BaseException) -> JobFailed:
+    """A failure of whisperd itself during a job (not of the recording): retried like a crash."""
+    from whisperd.logs import get_logger
+
+    get_logger("whisperd.worker").error("internal error in a job", job_id=request.job_id, path=str(request.path),
+                                         what=what, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+    return JobFailed(job_id=request.job_id, pid=os.getpid(), jobs_done=jobs_done,
+                     error=f"internal error in the worker ({what}): {type(exc).__name__}: {exc}", permanent=False,
+                     traceback="".join(traceback.format_exception(exc, limit=8)))
+
+
 def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log_level: str,
                 parent_pid: int) -> None:
     """Entry point of the worker process (spawned, so it shares no threads or locks with the daemon)."""
@@ -129,12 +140,19 @@ def serve_jobs(conn: Connection, engine: Any) -> None:
             conn.send(message)
 
     def run(request: JobRequest, number: int) -> None:
-        with engine.sharing():
-            reply = run_job(engine, request, number, send)
+        # Whatever happens in this thread, the daemon gets a reply: a thread that ended without
+        # one would leave the job waiting for its deadline.
+        try:
+            with engine.sharing():
+                reply: JobDone | JobFailed = run_job(engine, request, number, send)
+        except BaseException as exc:  # noqa: BLE001 - reported to the daemon, whose retry policy decides
+            reply = internal_error(request, number, "the job's thread failed", exc)
         try:
             send(reply)
         except OSError:  # the daemon is gone; PR_SET_PDEATHSIG ends this process
             pass
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be pickled
+            send(internal_error(request, number, "the job's result could not be sent", exc))
 
     while True:
         try:

@@ -177,10 +177,12 @@ class SideBySideWorker:
         self.outcome_for = outcome_for
         self.in_worker: list[JobRequest] = []
         self.together: list[list[str]] = []  # the names in the worker at each poll
+        self.report: dict[int, Callable[[JobProgress], None]] = {}  # each job's progress callback
 
     def submit(self, request: JobRequest, timeout: float, tick: Callable[[], bool], *,
                on_progress: Callable[[JobProgress], None]) -> None:
         self.in_worker.append(request)
+        self.report[request.job_id] = on_progress
 
     def poll(self, tick: Callable[[], bool]) -> dict[int, JobOutcome]:
         held, self.in_worker = self.in_worker, []
@@ -563,3 +565,26 @@ def test_a_claim_whose_reply_was_lost_goes_back_uncounted(store: JobStore, inbox
     assert runner.reap_expired() == 0  # none expired
     row = store.get(job.id)
     assert row is not None and (row.state, row.attempts) == ("queued", 0)
+
+
+def test_status_names_the_first_job_in_the_worker_and_counts_the_others(tmp_path: Path, store: JobStore,
+                                                                        inbox: Path) -> None:
+    config = tmp_path / "whisperd.yaml"
+    config.write_text(yaml.safe_dump({"inboxes": [{"path": str(inbox)}], "state_dir": str(tmp_path / "state")}))
+    daemon = Daemon(config)
+    daemon.runner = runner = make_runner(store, inbox)
+    runner.at_once = 3
+    for name in ("standup.m4a", "review.m4a", "retro.m4a"):
+        path = write_wav(inbox / name)
+        store.enqueue(path, path.stat().st_size, path.stat().st_mtime_ns)
+    worker = SideBySideWorker(lambda request: done(request.path))
+    while runner.has_room() and (job := store.claim_next(now=1e12)) is not None:
+        runner.start_guarded(job, worker)
+    first = min(runner.running)
+    worker.report[first](JobProgress(first, 0.42, 1.0))
+    assert daemon._running_text().startswith("transcribing standup.m4a: 42% (eta ")
+    assert daemon._running_text().endswith(" and 2 more")
+    assert [job["path"] for job in daemon._running_jobs()] == [str(inbox / n) for n in ("standup.m4a", "review.m4a",
+                                                                                         "retro.m4a")]
+    runner.collect(worker)
+    assert daemon._running_text() == "idle" and daemon._running_jobs() == []

@@ -116,7 +116,7 @@ def attempt(runner: JobRunner, store: JobStore, worker: FakeWorker, path: Path) 
     """Claim `path`'s job (whenever its backoff allows), run it once, return the row after."""
     job = store.claim_next(now=1e12)
     assert job is not None and job.path == path
-    runner.process(job, worker, lambda: True)
+    runner.process_guarded(job, worker, lambda: True)
     after = store.get(job.id)
     assert after is not None
     return after
@@ -128,7 +128,7 @@ def test_done_records_the_run_and_removes_an_old_note(store: JobStore, inbox: Pa
     runner = make_runner(store, inbox)
     job = queue(store, audio)
     worker = FakeWorker(done(audio))
-    runner.process(job, worker, lambda: True)
+    runner.process_guarded(job, worker, lambda: True)
     row = store.get(job.id)
     assert row is not None and row.state == "done" and row.language == "en"
     assert row.extra["outputs"] == [str(audio.with_suffix(".txt"))]
@@ -163,7 +163,7 @@ def test_the_workers_progress_is_kept_for_status_while_the_job_runs(store: JobSt
         seen.append((runner.current.id, runner.progress.percent, runner.progress.eta_seconds))
 
     runner.on_progress = keep
-    runner.process(job, ReportingWorker(0.0, 0.5), lambda: True)
+    runner.process_guarded(job, ReportingWorker(0.0, 0.5), lambda: True)
     assert [(job_id, percent) for job_id, percent, _ in seen] == [(job.id, 0.0), (job.id, 50.0)]
     assert seen[0][2] is None and seen[1][2] is not None and seen[1][2] > 0
     assert runner.progress is None and runner.current is None, "a finished job leaves no progress behind"
@@ -297,7 +297,7 @@ def test_a_permanent_error_fails_at_once_with_a_note(store: JobStore, inbox: Pat
     audio = write_wav(inbox / "talk.wav")
     runner = make_runner(store, inbox)
     job = queue(store, audio)
-    runner.process(job, FakeWorker(error(permanent=True, text="talk.wav: not an audio file")), lambda: True)
+    runner.process_guarded(job, FakeWorker(error(permanent=True, text="talk.wav: not an audio file")), lambda: True)
     row = store.get(job.id)
     assert row is not None and (row.state, row.attempts) == ("failed", 1)
     assert "not an audio file" in error_file_for(audio).read_text()
@@ -307,7 +307,7 @@ def test_a_worker_that_cannot_start_counts_as_a_crash(store: JobStore, inbox: Pa
     audio = write_wav(inbox / "talk.wav")
     runner = make_runner(store, inbox)
     job = queue(store, audio)
-    runner.process(job, FakeWorker(WorkerStartError("out of memory")), lambda: True)
+    runner.process_guarded(job, FakeWorker(WorkerStartError("out of memory")), lambda: True)
     row = store.get(job.id)
     assert row is not None and (row.state, row.attempts) == ("queued", 1)
     assert "could not start" in (row.last_error or "")
@@ -318,7 +318,7 @@ def test_interrupted_jobs_go_back_uncounted(store: JobStore, inbox: Path) -> Non
     runner = make_runner(store, inbox)
     for _ in range(5):  # five service stops during this job
         job = store.claim_next() or queue(store, audio)
-        runner.process(job, FakeWorker(error(AttemptOutcome.INTERRUPTED)), lambda: True)
+        runner.process_guarded(job, FakeWorker(error(AttemptOutcome.INTERRUPTED)), lambda: True)
     row = store.get(job.id)
     assert row is not None and (row.state, row.attempts, row.not_before) == ("queued", 0, 0)
 
@@ -327,7 +327,7 @@ def test_a_recording_gone_mid_job_is_dropped_without_a_note(store: JobStore, inb
     audio = write_wav(inbox / "talk.wav")
     runner = make_runner(store, inbox)
     job = queue(store, audio)
-    runner.process(job, FakeWorker(error(AttemptOutcome.GONE, permanent=True, text="talk.wav was deleted")),
+    runner.process_guarded(job, FakeWorker(error(AttemptOutcome.GONE, permanent=True, text="talk.wav was deleted")),
                    lambda: True)
     row = store.get(job.id)
     assert row is not None and row.state == "superseded" and not error_file_for(audio).exists()
@@ -372,7 +372,7 @@ def test_rule_errors_and_refused_links_fail_before_the_worker_is_asked(store: Jo
     worker = FakeWorker()
     for path in (broken, inbox / "escape.wav"):
         job = queue(store, path)
-        runner.process(job, worker, lambda: True)
+        runner.process_guarded(job, worker, lambda: True)
         assert store.get(job.id).state == "failed"  # type: ignore[union-attr]
     assert worker.requests == []
     assert "task" in error_file_for(broken).read_text()

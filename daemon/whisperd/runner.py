@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from whisperd.atomic import atomic_write_text, mode_like
 from whisperd.audio import probe_duration
 from whisperd.config import JobConfig
-from whisperd.jobstore import HookEvent, Job, JobStateError, JobStore, JobStoreUnavailable
+from whisperd.jobstore import HookEvent, Job, JobStateError, JobStore, JobStoreError, JobStoreUnavailable
 from whisperd.logs import get_logger
 from whisperd.naming import NameTooLongError, check_name_fits, error_file_for, output_paths, stale_temps_for
 from whisperd.options import OUTPUT_FORMATS
@@ -264,8 +264,6 @@ class JobRunner:
         while self.busy:
             self.collect(worker)
 
-    process = process_guarded
-
     def start_guarded(self, job: Job, worker: Worker) -> None:
         """Check a claimed job and send it to the worker (or record why it cannot run)."""
         same_file = any(r.job.path == job.path for r in self.running.values())  # a newer version of it
@@ -291,6 +289,19 @@ class JobRunner:
                                 path=str(waiting.job.path))
                 else:
                     self._guarded(waiting.job, lambda: self._start(waiting.job, worker))
+
+    def finish(self, worker: Worker) -> None:
+        """Stopping: a job claimed to run alone goes back to the queue uncounted at once; the jobs
+        in the worker finish while the daemon's tick allows, then go back the same way."""
+        if (waiting := self.waiting_alone) is not None:
+            self.waiting_alone = None
+            job = waiting.job
+            try:
+                self.store.requeue(job.id, error="requeued: whisperd stopped before the job ran", token=job.token)
+            except (JobStoreError, JobStateError) as exc:  # recovered at restart, or by another host
+                log.warning("cannot requeue a claimed job", job_id=job.id, error=str(exc))
+        while self.running:
+            self.collect(worker)
 
     def _record_outcome(self, running: RunningJob, outcome: JobOutcome) -> None:
         assert running.rules is not None

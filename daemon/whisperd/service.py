@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from whisperd.atomic import atomic_write_text
 from whisperd.config import ConfigError, DaemonConfig, load_config
-from whisperd.jobstore import Job, JobStateError, JobStore, JobStoreError, JobStoreUnavailable, load_host_id, open_job_store
+from whisperd.jobstore import Job, JobStore, JobStoreError, JobStoreUnavailable, load_host_id, open_job_store
 from whisperd.logs import configure_logging, get_logger
 from whisperd.naming import HOST_ID_ENV
 from whisperd.notify import Notifier
@@ -392,7 +392,8 @@ class Daemon:
                 self.notifier.status(self._status_line())
                 self.wake.wait(self._idle_wait())
                 self.wake.clear()
-        self._finish_running()
+        if self.supervisor is not None:
+            runner.finish(self.supervisor)
 
     def _may_claim(self) -> bool:
         """Claim when the worker has room, not while a reload waits for it to empty, and, while jobs
@@ -422,21 +423,6 @@ class Daemon:
         engine = sup.ready_info.engine if sup and sup.ready_info else {}
         return self.config.jobs.jobs_at_once(int(engine.get("jobs_at_once", 1)),
                                              bool(engine.get("shares_batches", False)))
-
-    def _finish_running(self) -> None:
-        """Stopping: the jobs in the worker finish until the stop deadline, then go back to the queue
-        uncounted; a job claimed to run alone goes back at once."""
-        assert self.runner is not None and self.store is not None
-        runner = self.runner
-        if (waiting := runner.waiting_alone) is not None:
-            runner.waiting_alone = None
-            try:
-                self.store.requeue(waiting.job.id, error="requeued: whisperd stopped before the job ran",
-                                   token=waiting.job.token)
-            except (JobStoreError, JobStateError) as exc:  # recovered at restart, or by another host
-                log.warning("cannot requeue a claimed job", job_id=waiting.job.id, error=str(exc))
-        while runner.running and self.supervisor is not None:
-            runner.collect(self.supervisor)
 
     def _reap_expired(self) -> None:
         """Take back jobs whose host stopped renewing their lease; a few times per lease."""

@@ -18,9 +18,6 @@ from whisperd.rules import DEFAULT_RULES, Rules, RuleSet, decode_options_from, d
 
 # Flags that keep an older spelling beside the one made from the field's name.
 FLAG_ALIASES = {"outputs": ["--output-format"]}
-# `whisperd transcribe`: files transcribed side by side (on the static-cache decoder their windows
-# share decode batches; other engines take them one at a time).
-FILES_AT_ONCE = 8
 
 
 def _comma_list(name: str, choices: tuple[str, ...], description: str) -> Callable[[str], tuple[str, ...]]:
@@ -133,8 +130,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             with display.file(path) as progress:
                 return transcribe_file(engine, path, options, rules.outputs, progress=progress)
 
-        # Several files run side by side, their windows in shared batches where the engine can.
-        for path, result in zip(args.files, engine.side_by_side(args.files, one, at_once=FILES_AT_ONCE)):
+        # Several files run side by side (JOBS_AT_ONCE_SHARED at a time), their windows in shared
+        # batches where the engine can; other engines take them one at a time.
+        for path, result in zip(args.files, engine.side_by_side(args.files, one)):
             if isinstance(result, (WhisperdError, OSError)):
                 failed += 1
                 print(f"FAILED {path}: {result}", flush=True)

@@ -9,7 +9,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from whisperd.engine.pipeline import Progress, ProgressCallback, TranscriptionError
+from whisperd.engine.pipeline import JOBS_AT_ONCE_SHARED, Progress, ProgressCallback, TranscriptionError
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Transcript
 
@@ -35,7 +35,8 @@ class Engine(Protocol):
         """
         ...
 
-    def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *, at_once: int = 8) -> Iterator[R | Exception]:
+    def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *,
+                     at_once: int = JOBS_AT_ONCE_SHARED) -> Iterator[R | Exception]:
         """`work(item)` for each item in threads whose windows share decode batches where the
         backend can; each result, or the exception that failed it, in input order."""
         ...

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from whisperd.audio import AudioDecodeError, decode_audio, probe_duration, stream_audio
+from whisperd.engine.shared_batches import SharedBatches
 from whisperd.errors import WhisperdError
 from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
@@ -35,7 +36,8 @@ NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech t
 # most); longer ones are decoded from the file a second time, which costs little next to
 # transcribing them (Opus decodes at ~400x real time on one core, WAV and FLAC much faster).
 KEEP_IN_MEMORY_SECONDS = 10 * 60
-#: Recordings a service runs at once on an engine whose windows share batches on an accelerator.
+#: Recordings transcribed side by side on an engine whose windows share batches (`whisperd
+#: transcribe`'s files; the daemon's jobs where the batches are on an accelerator).
 JOBS_AT_ONCE_SHARED = 8
 
 
@@ -106,9 +108,13 @@ class WindowedEngine:
                 "shares_batches": self.shares_batches, "jobs_at_once": self.jobs_at_once}
 
     @property
+    def _shared_batches(self) -> SharedBatches[Any, Any] | None:
+        return getattr(self.backend, "shared_batches", None)
+
+    @property
     def shares_batches(self) -> bool:
         """Whether transcriptions running side by side have their windows decoded in one batch."""
-        return getattr(self.backend, "shared_batches", None) is not None
+        return self._shared_batches is not None
 
     @property
     def jobs_at_once(self) -> int:
@@ -120,7 +126,7 @@ class WindowedEngine:
     def sharing(self) -> Iterator[None]:
         """Around one transcription that runs beside others (in its own thread): batches wait for
         its windows while it runs, and stop waiting once it ends."""
-        batches = getattr(self.backend, "shared_batches", None)
+        batches = self._shared_batches
         with batches.member() if batches is not None else contextlib.nullcontext():
             yield
 
@@ -160,7 +166,7 @@ class WindowedEngine:
                                         progress=progress)
 
     def transcribe_many(self, recordings: Sequence[Path | str | np.ndarray], options: DecodeOptions, *,
-                        at_once: int = 8) -> Iterator[Transcript | Exception]:
+                        at_once: int = JOBS_AT_ONCE_SHARED) -> Iterator[Transcript | Exception]:
         """Transcribe several recordings (files, or samples in memory) side by side (see
         `side_by_side`); yields each one's transcript, or the exception that failed it, in order."""
 
@@ -171,7 +177,8 @@ class WindowedEngine:
 
         return self.side_by_side(recordings, one, at_once=at_once)
 
-    def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *, at_once: int = 8) -> Iterator[R | Exception]:
+    def side_by_side(self, items: Sequence[T], work: Callable[[T], R], *,
+                     at_once: int = JOBS_AT_ONCE_SHARED) -> Iterator[R | Exception]:
         """`work(item)` for each item, `at_once` in threads whose windows the backend decodes in
         shared batches where it can (the static-cache decoder does; others run one at a time).
         Yields each result, or the exception that failed that item alone, in input order."""

@@ -17,7 +17,7 @@ from transformers.models.whisper.generation_whisper import WhisperGenerationMixi
 from whisperd.audio import decode_audio
 from whisperd.engine import Engine, create_engine
 from whisperd.engine.shared_batches import SharedBatches
-from whisperd.engine.window_rules import Attempt, Thresholds, decode_passes, judge, split_segments
+from whisperd.engine.window_rules import Attempt, Thresholds, Waves, decode_passes, judge, split_segments
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd_support.evaluation import DevClip, error_rate
 
@@ -78,7 +78,7 @@ def test_fallback_reruns_only_the_windows_that_failed() -> None:
         return [Attempt((TIMESTAMP_BEGIN, 400, TIMESTAMP_BEGIN + 50, EOS),
                         -2.0 if (p.window, p.attempt) == (1, 0) else -0.2, 0.0) for p in passes]
 
-    found = decode_passes(2, run, (0.0, 0.2, 0.4), Thresholds(2.4, -1.0, 0.6), TIMESTAMP_BEGIN, EOS, 51865)
+    found = decode_passes(2, Waves(run), (0.0, 0.2, 0.4), Thresholds(2.4, -1.0, 0.6), TIMESTAMP_BEGIN, EOS, 51865)
     assert calls == [[(0, 0, 0), (1, 0, 0)], [(1, 0, 1)]]
     assert [[(s.start, s.end) for s in window] for window in found] == [[(0.0, 1.0)], [(0.0, 1.0)]]
 
@@ -130,9 +130,51 @@ def test_temperature_fallback_is_sampled(engine_fp32: Engine, clip: Callable[[st
 # -- several recordings in shared batches ----------------------------------------------------------
 
 
-def test_shared_batches_wait_for_every_member_and_route_results() -> None:
-    ran: list[list[int]] = []
-    batches: SharedBatches[int, int] = SharedBatches(lambda rows: ran.append(list(rows)) or [r * 10 for r in rows], 100)
+class Countdown:
+    """A batch of `slots` rows where row n finishes after n advances with the result 10 n: the
+    scheduling without a model (the model's own rows are tested below)."""
+
+    def __init__(self, slots: int, broken_at: int | None = None, advance_seconds: float = 0.0) -> None:
+        self.slots, self.broken_at, self.advance_seconds = slots, broken_at, advance_seconds
+        self.left: dict[object, int] = {}
+        self.rows: dict[object, int] = {}
+        self.admitted: list[tuple[list[int], int]] = []  # (rows, rows already in flight)
+
+    @property
+    def room(self) -> int:
+        return self.slots - len(self.left)
+
+    @property
+    def occupied(self) -> int:
+        return len(self.left)
+
+    def admit(self, rows, tags) -> None:  # noqa: ANN001 - the RowDecoder protocol
+        self.admitted.append((list(rows), len(self.left)))
+        for row, tag in zip(rows, tags):
+            self.left[tag], self.rows[tag] = row, row
+
+    def advance(self) -> list[tuple[object, int]]:
+        if self.broken_at is not None and self.broken_at in self.rows.values():
+            raise RuntimeError("device lost")
+        time.sleep(self.advance_seconds)
+        done = []
+        for tag in list(self.left):
+            self.left[tag] -= 1
+            if self.left[tag] <= 0:
+                done.append((tag, self.rows.pop(tag) * 10))
+                del self.left[tag]
+        return done
+
+    def drop(self) -> list[object]:
+        tags = list(self.left)
+        self.left.clear()
+        self.rows.clear()
+        return tags
+
+
+def test_shared_batches_start_when_every_member_has_rows_and_route_results() -> None:
+    decoder = Countdown(100)
+    batches: SharedBatches[int, int] = SharedBatches(decoder, 100)
     results: dict[int, list[int]] = {}
     entered = threading.Barrier(3)
 
@@ -140,33 +182,72 @@ def test_shared_batches_wait_for_every_member_and_route_results() -> None:
         with batches.member():
             entered.wait()
             time.sleep(0.05 * first)  # arrive one after another: the batch waits for the last
-            results[first] = batches.decode([first, first + 1])
+            results[first] = batches.decode([first + 1, first + 2])
 
     threads = [threading.Thread(target=member, args=(n,)) for n in (0, 2, 4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    assert results == {0: [0, 10], 2: [20, 30], 4: [40, 50]}
-    assert ran == [[0, 1, 2, 3, 4, 5]]
+    assert results == {0: [10, 20], 2: [30, 40], 4: [50, 60]}
+    assert decoder.admitted == [([1, 2, 3, 4, 5, 6], 0)]
 
 
-def test_shared_batches_hand_a_failure_to_each_caller_in_it() -> None:
-    def broken(rows: list[int]) -> list[int]:
-        raise RuntimeError("device lost")
+def test_a_row_joins_the_batch_in_flight_and_comes_back_before_a_longer_one() -> None:
+    """Continuous batching: a short row's follow-up does not wait for the long row beside it."""
+    decoder = Countdown(4, advance_seconds=0.02)  # the long row takes a second
+    stream = SharedBatches(decoder, 4).stream()
+    stream.submit([50, 1], ["long", "short"])
+    order = []
+    for tag, result in stream.completed():
+        order.append((tag, result))
+        if tag == "short":
+            stream.submit([2], ["follow-up"])
+    assert order == [("short", 10), ("follow-up", 20), ("long", 500)]
+    assert decoder.admitted[1] == ([2], 1)  # admitted beside the long row still in flight
 
+
+def test_more_rows_than_slots_wait_for_free_slots() -> None:
+    decoder = Countdown(2)
+    assert SharedBatches(decoder, 2).decode([3, 1, 1, 2]) == [30, 10, 10, 20]
+    assert max(len(rows) + before for rows, before in decoder.admitted) <= 2
+
+
+def test_a_failure_reaches_every_caller_in_flight_and_decoding_goes_on() -> None:
+    decoder = Countdown(8, broken_at=7)
+    batches: SharedBatches[int, int] = SharedBatches(decoder, 8)
     with pytest.raises(RuntimeError, match="device lost"):
-        SharedBatches(broken, 8).decode([1])
+        batches.decode([1, 7])
+    assert batches.decode([2]) == [20]
 
 
 def test_several_recordings_share_batches_and_keep_their_own_transcripts(
         engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
     recordings = [decode_audio(clip("en_goforward").path), decode_audio(clip("zh_aishell1_BAC009S0764W0121").path), np.zeros(16000 * 3, dtype=np.float32)]
     alone = [engine_fp32.transcribe(audio, DecodeOptions()) for audio in recordings]
-    batches = engine_fp32.backend.shared_batches
-    before = batches.batches_run
+    counters = engine_fp32.backend.shared_batches.counters
+    counters.most_rows_at_once = 0
     together = list(engine_fp32.transcribe_many(recordings, DecodeOptions()))
     assert [t.text for t in together] == [t.text for t in alone]
     assert [t.language for t in together] == [t.language for t in alone]
-    # The two speech clips need one window each: with both in flight they share one batch.
-    assert batches.batches_run - before < sum(1 for t in alone if t.segments) + 1
+    # The two speech clips need one window each: with both in flight they share the batch.
+    assert counters.most_rows_at_once == 2
+
+
+def test_rows_admitted_into_a_batch_in_flight_decode_as_they_do_alone(
+        engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
+    """Each row has its own position: one that joins late, one that moves to another bucket and
+    one in a slot freed by another give the tokens they give decoded alone."""
+    backend = engine_fp32.backend
+    static, prefix = backend.static, backend._prefix("en", DecodeOptions(language="en"))
+    audio = decode_audio(clip("en_goforward").path)
+    windows = [audio[:16000 * 8], audio[16000 * 2:16000 * 12], np.zeros(16000 * 5, dtype=np.float32)]
+    features = backend.log_mel(windows).to(backend.feature_dtype)
+    alone = [static.decode(features[i:i + 1], [prefix], [0.0])[0].tokens for i in range(len(windows))]
+    static.admit(features[:1], [prefix], [0.0], ["first"])
+    found = dict(static.advance(3))
+    static.admit(features[1:3], [prefix] * 2, [0.0] * 2, ["second", "third"])  # into a bucket of 4
+    while static.occupied:
+        found.update(static.advance())
+    assert [found[tag].tokens for tag in ("first", "second", "third")] == alone
+    assert alone[0] and alone[1] != alone[0]

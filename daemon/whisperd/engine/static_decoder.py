@@ -11,7 +11,11 @@ at a few hundred times real time whatever the batch. Here:
 - one step (embedding, all layers, logits, Whisper's token rules, greedy or sampled choice, the
   running log-probability) is a fixed sequence of tensor operations with no host synchronisation,
   which CUDA captures once per batch-size bucket as a graph and replays per token;
-- rows that finished, and the padding rows of a bucket, are masked rather than removed.
+- each row is at its own position, so a row can join the batch in flight in any free slot and
+  leave it the moment it finishes (continuous batching): a batch does not run until its slowest
+  row ends with the others' slots idle, and a window's next pass does not wait for a new batch.
+  Free slots are masked; the batch moves to a smaller bucket when it empties, a larger one when
+  rows wait.
 
 The rules on the finished token lists (fallback, no-speech skip, segment cuts) are in
 `window_rules`. The model's layers are called as modules, so IPEX-LLM's low-bit layers and plain
@@ -74,7 +78,7 @@ class Prefix:
 
 class _Buffers:
     """Everything one batch-size bucket's step reads and writes, allocated once (graphs replay on
-    these addresses)."""
+    these addresses). Each row (slot) is at its own position: rows start and end independently."""
 
     def __init__(self, batch: int, layers: int, heads: int, head_dim: int, audio_ctx: int, max_len: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -86,14 +90,16 @@ class _Buffers:
         self.self_v = zeros(layers, batch, heads, max_len, head_dim)
         self.cross_k = zeros(layers, batch, heads, audio_ctx, head_dim)
         self.cross_v = zeros(layers, batch, heads, audio_ctx, head_dim)
-        self.position = zeros(1, kind=torch.long)  # the position of `token` in every row
+        self.position = zeros(batch, kind=torch.long)  # the position of `token` in each row
+        self.limit = zeros(batch, kind=torch.long)  # the position at which a row stops
         self.token = zeros(batch, kind=torch.long)  # the token at `position`
         self.previous = zeros(batch, kind=torch.long)  # the token before it
         self.sequence = zeros(batch, max_len, kind=torch.long)  # prefix (forced), then what was chosen
-        self.prefix_len = zeros(batch, kind=torch.long)
+        self.prefix_len = torch.ones(batch, dtype=torch.long, device=device)
         self.sot_position = zeros(batch, kind=torch.long)
         self.temperature = zeros(batch, kind=torch.float32)
-        self.finished = zeros(batch, kind=torch.bool)
+        self.ban_eos = zeros(batch, kind=torch.bool)  # speed runs: a fixed number of tokens
+        self.finished = torch.ones(batch, dtype=torch.bool, device=device)  # free slots count as finished
         self.generated = zeros(batch, kind=torch.long)  # tokens chosen so far, end-of-text included
         self.sum_logprob = zeros(batch, kind=torch.float32)
         self.last_timestamp = zeros(batch, kind=torch.long)  # -1: none chosen yet
@@ -103,14 +109,34 @@ class _Buffers:
 
     def step_state(self) -> dict[str, torch.Tensor]:
         """The per-row state a step moves on, without the key/value caches: a step only reads the
-        cross-attention cache, and writes the self-attention cache at its position before it reads
-        it (later positions are masked), so running extra steps leaves nothing to undo there. The
-        caches are most of the memory (large-v3 at batch 128: 31 GB), so they are never copied."""
+        cross-attention cache, and writes the self-attention cache at a row's position before it
+        reads it (later positions are masked), so running extra steps leaves nothing to undo there.
+        The caches are most of the memory (large-v3 at batch 128: 31 GB), so they are never copied."""
         return {name: t for name, t in vars(self).items() if isinstance(t, torch.Tensor) and name not in self.CACHES}
+
+    def move_rows(self, source: _Buffers, rows: torch.Tensor) -> None:
+        """Copy `source`'s rows into this bucket's first len(rows) slots (one layer of cache at a
+        time, so a large model's move needs little memory beyond the buffers); the rest are free."""
+        count = rows.numel()
+        for name in self.CACHES:
+            mine, theirs = getattr(self, name), getattr(source, name)
+            for layer in range(mine.shape[0]):
+                mine[layer, :count] = theirs[layer].index_select(0, rows)
+        for name, mine in self.step_state().items():
+            mine[:count] = getattr(source, name).index_select(0, rows)
+        self.finished[count:] = True
 
 
 class StaticCacheDecoder:
-    """Decodes batches of 30 s windows with a static cache; see the module docstring."""
+    """Decodes 30 s windows with a static cache; see the module docstring.
+
+    Rows are admitted into free slots of the batch in flight (`admit`), the batch moves a few
+    tokens at a time (`advance`, which hands back the rows that finished and frees their slots),
+    and the batch moves to a larger or smaller bucket as the rows in flight need. `decode` runs a
+    given set of windows through the same steps.
+    """
+
+    CHECK_EVERY = 8  # steps between looks at which rows finished (each look waits for the device)
 
     def __init__(self, model: torch.nn.Module, rules: TokenRules, *, max_batch: int = 128,
                  use_graphs: bool | None = None) -> None:
@@ -131,6 +157,9 @@ class StaticCacheDecoder:
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._live: _Buffers | None = None  # the bucket the rows in flight are in
+        self._occupants: list[object | None] = []  # per slot of that bucket: the caller's tag, None if free
+        self.steps_run = 0
         self._constants()
 
     def _constants(self) -> None:
@@ -139,6 +168,7 @@ class StaticCacheDecoder:
         self.vocab_ids = ids
         self.is_timestamp = ids >= r.timestamp_begin
         self.is_text = ids < r.eos
+        self.is_eos = ids == r.eos
         suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         suppress[list(r.suppress)] = True
         suppress[r.no_timestamps] = True
@@ -155,25 +185,94 @@ class StaticCacheDecoder:
     # -- public -----------------------------------------------------------------------------------
 
     def bucket(self, rows: int) -> int:
-        """The batch size a decode of `rows` windows runs at: a power of two, so few graphs exist."""
+        """The batch size `rows` rows run at: a power of two, so few graphs exist."""
         size = 1
         while size < rows:
             size *= 2
         return min(size, max(self.max_batch, rows))
 
+    @property
+    def occupied(self) -> int:
+        """Rows in flight."""
+        return sum(tag is not None for tag in self._occupants)
+
+    @property
+    def room(self) -> int:
+        """How many more rows `admit` takes now."""
+        return self.max_batch - self.occupied
+
+    @torch.inference_mode()
+    def admit(self, features: torch.Tensor, prefixes: Sequence[Prefix], temperatures: Sequence[float],
+              tags: Sequence[object], *, fixed_tokens: int | None = None) -> None:
+        """Start decoding these windows (features: (rows, n_mels, 3000)), each after its prefix
+        (start-of-transcript, language, task; a prompt before them) at its temperature (0: greedy).
+        `advance` hands each back with its tag. `fixed_tokens` makes a row choose exactly that many
+        tokens, end-of-text never among them (for speed measurements)."""
+        rows = len(tags)
+        if rows > self.room:
+            raise ValueError(f"{rows} rows do not fit beside {self.occupied} in a batch of {self.max_batch}")
+        if rows == 0:
+            return
+        if self._live is None or self.occupied + rows > self._live.batch:
+            self._move_to(self.bucket(self.occupied + rows))
+        slots = [slot for slot, tag in enumerate(self._occupants) if tag is None][:rows]
+        assert self._live is not None
+        self._load(self._live, slots, features, prefixes, temperatures, fixed_tokens)
+        for slot, tag in zip(slots, tags):
+            self._occupants[slot] = tag
+
+    @torch.inference_mode()
+    def advance(self, steps: int | None = None) -> list[tuple[object, Attempt]]:
+        """Run `steps` tokens (CHECK_EVERY by default) for every row in flight; return the rows that
+        finished, as (tag, attempt), and free their slots. A batch left mostly empty moves to a
+        smaller bucket, where a step costs less."""
+        buf = self._live
+        if buf is None or not self.occupied:
+            return []
+        step = self._graph_step(buf) if self.use_graphs else (lambda: self._step(buf))
+        for _ in range(steps or self.CHECK_EVERY):
+            step()
+        self.steps_run += steps or self.CHECK_EVERY
+        finished = buf.finished.cpu().tolist()
+        done = [slot for slot, tag in enumerate(self._occupants) if tag is not None and finished[slot]]
+        if not done:
+            return []
+        attempts = self._attempts(buf, done)
+        out = [(self._occupants[slot], attempt) for slot, attempt in zip(done, attempts)]
+        for slot in done:
+            self._occupants[slot] = None
+        if self.occupied and self.bucket(self.occupied) * 4 <= buf.batch:
+            self._move_to(self.bucket(self.occupied))
+        return out
+
+    def drop(self) -> list[object]:
+        """Give up every row in flight (after a failure); returns their tags."""
+        tags = [tag for tag in self._occupants if tag is not None]
+        self._occupants = [None] * len(self._occupants)
+        if self._live is not None:
+            self._live.finished.fill_(True)
+        return tags
+
     @torch.inference_mode()
     def decode(self, features: torch.Tensor, prefixes: Sequence[Prefix], temperatures: Sequence[float], *,
                fixed_tokens: int | None = None) -> list[Attempt]:
-        """Decode each window (features: (rows, n_mels, 3000)) after its prefix (start-of-transcript,
-        language, task; a prompt before them) at its temperature (0: greedy). `fixed_tokens` runs
-        exactly that many steps after the prefix whatever the rows chose (for speed measurements)."""
+        """Decode these windows (see `admit`) and return their attempts in order; no other rows may
+        be in flight."""
+        if self.occupied:
+            raise RuntimeError("decode() needs the decoder to itself; rows are in flight")
         rows = features.shape[0]
-        out: list[Attempt] = []
-        for start in range(0, rows, self.max_batch):
-            stop = min(rows, start + self.max_batch)
-            out.extend(self._decode_bucket(features[start:stop], prefixes[start:stop], temperatures[start:stop],
-                                           fixed_tokens))
-        return out
+        found: list[Attempt | None] = [None] * rows
+        start = 0
+        while start < rows or self.occupied:
+            take = min(self.room, rows - start)
+            if take:
+                stop = start + take
+                self.admit(features[start:stop], prefixes[start:stop], temperatures[start:stop], range(start, stop),
+                           fixed_tokens=fixed_tokens)
+                start = stop
+            for row, attempt in self.advance():
+                found[row] = attempt  # type: ignore[index]
+        return [attempt for attempt in found if attempt is not None]
 
     def warm_up(self, batch_sizes: Sequence[int], n_mels: int) -> None:
         """Capture the graphs (and pick the kernels) for these batch sizes now, before any job waits."""
@@ -181,24 +280,21 @@ class StaticCacheDecoder:
             features = torch.zeros(size, n_mels, 3000, dtype=self.dtype, device=self.device)
             self.decode(features, [Prefix((self.rules.eos,))] * size, [0.0] * size)
 
-    # -- one bucket -------------------------------------------------------------------------------
+    # -- slots ------------------------------------------------------------------------------------
 
-    def _decode_bucket(self, features: torch.Tensor, prefixes: Sequence[Prefix], temperatures: Sequence[float],
-                       fixed_tokens: int | None = None) -> list[Attempt]:
-        rows = features.shape[0]
-        size = self.bucket(rows)
-        buf = self._buffers_for(size)
-        self._load(buf, features, prefixes, temperatures)
-        longest_prefix = max(len(p.tokens) for p in prefixes)
-        step = self._graph_step(buf) if self.use_graphs else (lambda: self._step(buf))
-        check_every = 8
-        steps = self.max_len - 1 if fixed_tokens is None else min(self.max_len - 1, longest_prefix + fixed_tokens)
-        for count in range(steps):
-            step()
-            if (fixed_tokens is None and count >= longest_prefix and count % check_every == check_every - 1
-                    and bool(buf.finished.all())):
-                break
-        return self._attempts(buf, rows)
+    def _move_to(self, size: int) -> None:
+        """Make the bucket of `size` rows the live one, the rows in flight moved to its first slots."""
+        target = self._buffers_for(size)
+        if self._live is target:
+            return
+        taken = [slot for slot, tag in enumerate(self._occupants) if tag is not None]
+        if self._live is not None and taken:
+            target.move_rows(self._live, torch.tensor(taken, device=self.device))
+        else:
+            target.finished.fill_(True)
+        tags = [self._occupants[slot] for slot in taken]
+        self._occupants = tags + [None] * (size - len(tags))
+        self._live = target
 
     def _buffers_for(self, size: int) -> _Buffers:
         if size not in self._buffers:
@@ -206,54 +302,51 @@ class StaticCacheDecoder:
                                            self.max_len, self.dtype, self.device)
         return self._buffers[size]
 
-    def _load(self, buf: _Buffers, features: torch.Tensor, prefixes: Sequence[Prefix],
-              temperatures: Sequence[float]) -> None:
-        """Encode the windows, fill each layer's cross-attention keys and values, reset the state."""
-        rows, size = features.shape[0], buf.batch
+    def _load(self, buf: _Buffers, slots: list[int], features: torch.Tensor, prefixes: Sequence[Prefix],
+              temperatures: Sequence[float], fixed_tokens: int | None) -> None:
+        """Encode the windows, fill their slots' cross-attention keys and values, reset their state."""
+        rows = len(slots)
+        index = torch.tensor(slots, device=self.device)
         encoded = self.model.get_encoder()(features.to(self.dtype)).last_hidden_state
         for i, layer in enumerate(self.layers):
             attention = layer.encoder_attn
-            buf.cross_k[i, :rows] = self._heads_first(attention.k_proj(encoded))
-            buf.cross_v[i, :rows] = self._heads_first(attention.v_proj(encoded))
-            if rows < size:
-                buf.cross_k[i, rows:] = 0
-                buf.cross_v[i, rows:] = 0
-        sequence = torch.full((size, self.max_len), self.rules.eos, dtype=torch.long)
-        prefix_len = torch.ones(size, dtype=torch.long)
-        sot = torch.zeros(size, dtype=torch.long)
+            buf.cross_k[i].index_copy_(0, index, self._heads_first(attention.k_proj(encoded)))
+            buf.cross_v[i].index_copy_(0, index, self._heads_first(attention.v_proj(encoded)))
+        sequence = torch.full((rows, self.max_len), self.rules.eos, dtype=torch.long)
+        prefix_len = torch.tensor([len(p.tokens) for p in prefixes], dtype=torch.long)
         for row, prefix in enumerate(prefixes):
             sequence[row, :len(prefix.tokens)] = torch.tensor(prefix.tokens, dtype=torch.long)
-            prefix_len[row] = len(prefix.tokens)
-            sot[row] = prefix.sot_position
-        temperature = torch.zeros(size, dtype=torch.float32)
-        temperature[:rows] = torch.tensor(list(temperatures), dtype=torch.float32)
-        finished = torch.zeros(size, dtype=torch.bool)
-        finished[rows:] = True
-        buf.sequence.copy_(sequence)
-        buf.prefix_len.copy_(prefix_len)
-        buf.sot_position.copy_(sot)
-        buf.temperature.copy_(temperature)
-        buf.finished.copy_(finished)
-        buf.token.copy_(sequence[:, 0])
-        buf.previous.fill_(self.rules.eos)
-        buf.position.zero_()
-        buf.generated.zero_()
-        buf.sum_logprob.zero_()
-        buf.last_timestamp.fill_(-1)
-        buf.no_speech_prob.zero_()
+        last = self.max_len - 1
+        limit = torch.full((rows,), last, dtype=torch.long) if fixed_tokens is None else \
+            (prefix_len - 1 + fixed_tokens).clamp(max=last)
+        values = {
+            "sequence": sequence, "prefix_len": prefix_len, "limit": limit,
+            "sot_position": torch.tensor([p.sot_position for p in prefixes], dtype=torch.long),
+            "temperature": torch.tensor(list(temperatures), dtype=torch.float32),
+            "token": sequence[:, 0], "previous": torch.full((rows,), self.rules.eos, dtype=torch.long),
+            "position": torch.zeros(rows, dtype=torch.long), "generated": torch.zeros(rows, dtype=torch.long),
+            "sum_logprob": torch.zeros(rows, dtype=torch.float32),
+            "last_timestamp": torch.full((rows,), -1, dtype=torch.long),
+            "no_speech_prob": torch.zeros(rows, dtype=torch.float32),
+            "ban_eos": torch.full((rows,), fixed_tokens is not None, dtype=torch.bool),
+            "finished": torch.zeros(rows, dtype=torch.bool),
+        }
+        for name, value in values.items():
+            getattr(buf, name).index_copy_(0, index, value.to(self.device))
 
     def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
 
-    def _attempts(self, buf: _Buffers, rows: int) -> list[Attempt]:
-        sequence = buf.sequence[:rows].cpu().tolist()
-        prefix_len = buf.prefix_len[:rows].cpu().tolist()
-        generated = buf.generated[:rows].cpu().tolist()
-        sum_logprob = buf.sum_logprob[:rows].cpu().tolist()
-        no_speech = buf.no_speech_prob[:rows].cpu().tolist()
+    def _attempts(self, buf: _Buffers, slots: list[int]) -> list[Attempt]:
+        index = torch.tensor(slots, device=self.device)
+        sequence = buf.sequence.index_select(0, index).cpu().tolist()
+        prefix_len = buf.prefix_len.index_select(0, index).cpu().tolist()
+        generated = buf.generated.index_select(0, index).cpu().tolist()
+        sum_logprob = buf.sum_logprob.index_select(0, index).cpu().tolist()
+        no_speech = buf.no_speech_prob.index_select(0, index).cpu().tolist()
         out = []
-        for row in range(rows):
+        for row in range(len(slots)):
             tokens = tuple(sequence[row][prefix_len[row]:prefix_len[row] + generated[row]])
             count = max(1, generated[row])
             out.append(Attempt(tokens=tokens, avg_logprob=sum_logprob[row] / count, no_speech_prob=no_speech[row]))
@@ -282,7 +375,8 @@ class StaticCacheDecoder:
         return self._graphs[size].replay
 
     def _step(self, buf: _Buffers) -> None:
-        """Feed `token` at `position`, choose the token after it, advance. No host synchronisation."""
+        """Feed each row's `token` at its `position`, choose the token after it, advance. No host
+        synchronisation."""
         logits = self._logits(buf)
         self._choose(buf, logits)
 
@@ -291,13 +385,14 @@ class StaticCacheDecoder:
         position = buf.position
         x = decoder.embed_tokens(buf.token) + decoder.embed_positions.weight.index_select(0, position)
         x = x.unsqueeze(1)  # (batch, 1, d_model)
-        visible = (self.key_positions <= position).view(1, 1, 1, self.max_len)
+        visible = (self.key_positions.unsqueeze(0) <= position.unsqueeze(1)).view(size, 1, 1, self.max_len)
+        at = position.view(size, 1, 1, 1).expand(size, self.heads, 1, self.head_dim)
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
             h = layer.self_attn_layer_norm(x)
             q = self._heads_first(attention.q_proj(h))
-            buf.self_k[i].index_copy_(2, position, self._heads_first(attention.k_proj(h)))
-            buf.self_v[i].index_copy_(2, position, self._heads_first(attention.v_proj(h)))
+            buf.self_k[i].scatter_(2, at, self._heads_first(attention.k_proj(h)))
+            buf.self_v[i].scatter_(2, at, self._heads_first(attention.v_proj(h)))
             a = F.scaled_dot_product_attention(q, buf.self_k[i], buf.self_v[i], attn_mask=visible)
             x = x + attention.out_proj(a.transpose(1, 2).reshape(size, 1, self.d_model))
             cross = layer.encoder_attn
@@ -315,9 +410,10 @@ class StaticCacheDecoder:
         position = buf.position
         following = position + 1  # the index of the token being chosen
         chosen_before = buf.generated
+        active = ~buf.finished
         generating = following >= buf.prefix_len
         first = following == buf.prefix_len
-        at_sot = position == buf.sot_position
+        at_sot = (position == buf.sot_position) & active
         no_speech = torch.softmax(logits, dim=-1)[:, r.no_speech]
         buf.no_speech_prob.copy_(torch.where(at_sot, no_speech, buf.no_speech_prob))
 
@@ -326,6 +422,7 @@ class StaticCacheDecoder:
         has_time = buf.last_timestamp >= 0
         time_floor = torch.where(last_is_time & ~penultimate_is_time, buf.last_timestamp, buf.last_timestamp + 1)
         banned = self.suppress.unsqueeze(0) | (first.unsqueeze(1) & self.begin_suppress.unsqueeze(0))
+        banned = banned | (buf.ban_eos.unsqueeze(1) & self.is_eos.unsqueeze(0))
         banned = banned | ((last_is_time & penultimate_is_time).unsqueeze(1) & self.is_timestamp.unsqueeze(0))
         banned = banned | ((last_is_time & ~penultimate_is_time).unsqueeze(1) & self.is_text.unsqueeze(0))
         banned = banned | (has_time.unsqueeze(1) & self.is_timestamp.unsqueeze(0)
@@ -343,17 +440,18 @@ class StaticCacheDecoder:
         gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp_(1e-20, 1.0)))
         sampled = (scores / buf.temperature.clamp(min=1e-6).unsqueeze(1) + gumbel).argmax(dim=-1)
         choice = torch.where(hot, sampled, greedy)
-        forced = buf.sequence.index_select(1, following.clamp(max=self.max_len - 1)).squeeze(1)
-        live = generating & ~buf.finished
+        at_following = following.clamp(max=self.max_len - 1).unsqueeze(1)
+        forced = buf.sequence.gather(1, at_following).squeeze(1)
+        live = generating & active
         token = torch.where(live, choice, torch.where(generating, torch.full_like(choice, r.eos), forced))
 
         buf.sum_logprob.add_(torch.where(live, logprobs.gather(1, token.unsqueeze(1)).squeeze(1),
                                          torch.zeros_like(buf.sum_logprob)))
         buf.generated.add_(live.long())
         buf.last_timestamp.copy_(torch.where(live & (token >= r.timestamp_begin), token, buf.last_timestamp))
-        buf.finished.copy_(buf.finished | (live & (token == r.eos)))
-        buf.sequence.index_copy_(1, following.clamp(max=self.max_len - 1),
-                                 torch.where(generating, token, forced).unsqueeze(1))
+        # A finished row writes nothing: its last token may sit at the end of the sequence.
+        buf.sequence.scatter_(1, at_following, torch.where(live, token, forced).unsqueeze(1))
         buf.previous.copy_(buf.token)
         buf.token.copy_(token)
-        buf.position.add_(1)
+        buf.position.add_(active.long())
+        buf.finished.copy_(buf.finished | (live & (token == r.eos)) | (buf.position >= buf.limit))

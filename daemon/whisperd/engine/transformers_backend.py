@@ -21,7 +21,7 @@ import torch
 
 from whisperd.devices import LoadPlan
 from whisperd.engine.device_features import LogMel
-from whisperd.engine.shared_batches import SharedBatches
+from whisperd.engine.shared_batches import RowStream, SharedBatches
 from whisperd.engine.static_decoder import Prefix, StaticCacheDecoder, TokenRules
 from whisperd.engine.window_rules import FRAMES_PER_WINDOW, Attempt, Pass, Thresholds, decode_passes
 from whisperd.languages import language_name
@@ -110,7 +110,8 @@ class TransformersBackend:
         self._device_lock = threading.RLock()
         # generate() decodes one caller's windows at a time: only the static decoder shares batches.
         self.shared_batches: SharedBatches[_Row, Attempt] | None = (
-            SharedBatches(self._decode_rows, SHARED_BATCH_ROWS) if self.static is not None else None)
+            SharedBatches(_StaticRows(self.static, self._device_lock), SHARED_BATCH_ROWS)
+            if self.static is not None else None)
         self.log_mel = LogMel(self.processor.feature_extractor.mel_filters, self.device)
         if self.device != "cpu":
             self.warm_up()
@@ -199,28 +200,16 @@ class TransformersBackend:
         with self._device_lock:
             features = self.log_mel(windows).to(self.feature_dtype)
         prefix = self._prefix(language, options)
-        temperatures = options.temperatures
-
-        def run(passes: list[Pass]) -> list[Attempt]:
-            assert self.shared_batches is not None
-            return self.shared_batches.decode(
-                [_Row(features[p.window], p.seek, prefix, temperatures[p.attempt]) for p in passes])
-
+        assert self.shared_batches is not None
+        passes = _PassStream(self.shared_batches.stream(), features, prefix, options.temperatures)
         thresholds = Thresholds(
             compression_ratio=options.compression_ratio_threshold, logprob=options.logprob_threshold,
             no_speech=options.no_speech_threshold if options.logprob_threshold is not None else None)
         rules = self.static.rules
-        found = decode_passes(len(windows), run, temperatures, thresholds, rules.timestamp_begin, rules.eos,
+        found = decode_passes(len(windows), passes, options.temperatures, thresholds, rules.timestamp_begin, rules.eos,
                               rules.vocab_size)
         return [[self._segment({"tokens": list(seg.tokens), "start": seg.start, "end": seg.end}, language)
                  for seg in per_window] for per_window in found]
-
-    def _decode_rows(self, rows: list[_Row]) -> list[Attempt]:
-        """One batch of passes, from one recording or several (see shared_batches)."""
-        assert self.static is not None
-        with self._device_lock:
-            batch = torch.stack([_from_frame(row.features, row.seek) for row in rows])
-            return self.static.decode(batch, [row.prefix for row in rows], [row.temperature for row in rows])
 
     def _prefix(self, language: str, options: DecodeOptions) -> Prefix:
         """What generate() puts before the first chosen token: [prompt], start-of-transcript,
@@ -312,6 +301,51 @@ class TransformersBackend:
             if word.strip():
                 out.append(Word(start=start, end=max(start, end), text=word.strip()))
         return tuple(out)
+
+
+class _PassStream:
+    """Passes over one call's windows, decoded as rows beside other callers' (a `PassQueue`)."""
+
+    def __init__(self, rows: RowStream[_Row, Attempt], features: torch.Tensor, prefix: Prefix,
+                 temperatures: Sequence[float]) -> None:
+        self._rows, self._features, self._prefix, self._temperatures = rows, features, prefix, temperatures
+
+    def submit(self, passes: Sequence[Pass]) -> None:
+        self._rows.submit([_Row(self._features[p.window], p.seek, self._prefix, self._temperatures[p.attempt])
+                           for p in passes], passes)
+
+    def completed(self) -> Iterator[tuple[Pass, Attempt]]:
+        for task, attempt in self._rows.completed():
+            assert isinstance(task, Pass)
+            yield task, attempt
+
+
+class _StaticRows:
+    """The static-cache decoder as a `RowDecoder` of passes, one device call at a time."""
+
+    def __init__(self, static: StaticCacheDecoder, device_lock: threading.RLock) -> None:
+        self._static, self._lock = static, device_lock
+
+    @property
+    def room(self) -> int:
+        return self._static.room
+
+    @property
+    def occupied(self) -> int:
+        return self._static.occupied
+
+    def admit(self, rows: Sequence[_Row], tags: Sequence[object]) -> None:
+        with self._lock:
+            batch = torch.stack([_from_frame(row.features, row.seek) for row in rows])
+            self._static.admit(batch, [row.prefix for row in rows], [row.temperature for row in rows], tags)
+
+    def advance(self) -> list[tuple[object, Attempt]]:
+        with self._lock:
+            return self._static.advance()
+
+    def drop(self) -> list[object]:
+        with self._lock:
+            return self._static.drop()
 
 
 @dataclass(frozen=True, slots=True)

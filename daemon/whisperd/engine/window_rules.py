@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -116,30 +117,53 @@ class Pass:
     attempt: int
 
 
-def decode_passes(count: int, run: Callable[[list[Pass]], list[Attempt]], temperatures: Sequence[float],
-                   thresholds: Thresholds, timestamp_begin: int, eos: int, vocab_size: int) -> list[list[RawSegment]]:
-    """Segments of `count` windows, decoding all pending passes of all windows together.
+class PassQueue(Protocol):
+    """Where passes are decoded: `submit` hands passes in, `completed` yields each pass with its
+    attempt as it is done (submissions made meanwhile included) until none is outstanding."""
+
+    def submit(self, passes: Sequence[Pass]) -> None: ...
+
+    def completed(self) -> Iterator[tuple[Pass, Attempt]]: ...
+
+
+class Waves:
+    """A `PassQueue` over a function that decodes a list of passes at once: everything pending
+    goes in one call, then everything those passes led to, and so on."""
+
+    def __init__(self, run: Callable[[list[Pass]], list[Attempt]]) -> None:
+        self._run = run
+        self._pending: list[Pass] = []
+
+    def submit(self, passes: Sequence[Pass]) -> None:
+        self._pending.extend(passes)
+
+    def completed(self) -> Iterator[tuple[Pass, Attempt]]:
+        while self._pending:
+            wave, self._pending = self._pending, []
+            yield from zip(wave, self._run(wave))
+
+
+def decode_passes(count: int, passes: PassQueue, temperatures: Sequence[float], thresholds: Thresholds,
+                  timestamp_begin: int, eos: int, vocab_size: int) -> list[list[RawSegment]]:
+    """Segments of `count` windows, each window's passes handed on as soon as the last one is back.
 
     A pass that fails the quality gates is run again at the next temperature; one that ends
-    before the window does is followed by a pass from where it stopped; everything pending goes
-    to `run` as one batch, so fallbacks and continuations of different windows share batches.
+    before the window does is followed by a pass from where it stopped. Passes of different
+    windows are in flight together, so fallbacks and continuations share batches; a window's own
+    passes run one after another, so its segments come in order.
     """
     segments: list[list[RawSegment]] = [[] for _ in range(count)]
-    pending = [Pass(i, 0, 0) for i in range(count)]
-    while pending:
-        attempts = run(pending)
-        following = []
-        for task, attempt in zip(pending, attempts):
-            needs_fallback, skip = judge(attempt, thresholds, vocab_size)
-            if needs_fallback and task.attempt + 1 < len(temperatures):
-                following.append(Pass(task.window, task.seek, task.attempt + 1))
-                continue
-            if skip:
-                continue
-            tokens = attempt.tokens[:-1] if attempt.tokens and attempt.tokens[-1] == eos else attempt.tokens
-            found, consumed = split_segments(tokens, task.seek, timestamp_begin)
-            segments[task.window].extend(found)
-            if consumed > 0 and task.seek + consumed < FRAMES_PER_WINDOW:
-                following.append(Pass(task.window, task.seek + consumed, 0))
-        pending = following
+    passes.submit([Pass(i, 0, 0) for i in range(count)])
+    for task, attempt in passes.completed():
+        needs_fallback, skip = judge(attempt, thresholds, vocab_size)
+        if needs_fallback and task.attempt + 1 < len(temperatures):
+            passes.submit([Pass(task.window, task.seek, task.attempt + 1)])
+            continue
+        if skip:
+            continue
+        tokens = attempt.tokens[:-1] if attempt.tokens and attempt.tokens[-1] == eos else attempt.tokens
+        found, consumed = split_segments(tokens, task.seek, timestamp_begin)
+        segments[task.window].extend(found)
+        if consumed > 0 and task.seek + consumed < FRAMES_PER_WINDOW:
+            passes.submit([Pass(task.window, task.seek + consumed, 0)])
     return segments

@@ -21,6 +21,7 @@ import numpy as np
 
 from whisperd.audio import AudioDecodeError, decode_audio, probe_duration, stream_audio
 from whisperd.engine.shared_batches import SharedBatches
+from whisperd.engine.streams import new_stream, on_stream
 from whisperd.errors import WhisperdError
 from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
@@ -125,9 +126,11 @@ class WindowedEngine:
     @contextlib.contextmanager
     def sharing(self) -> Iterator[None]:
         """Around one transcription that runs beside others (in its own thread): batches wait for
-        its windows while it runs, and stop waiting once it ends."""
+        its windows while it runs, and stop waiting once it ends; on a GPU its own work (speech
+        scan, features) goes on a stream of its own (see streams)."""
         batches = self._shared_batches
-        with batches.member() if batches is not None else contextlib.nullcontext():
+        with batches.member() if batches is not None else contextlib.nullcontext(), \
+                on_stream(new_stream(self.device) if batches is not None else None):
             yield
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions, *,

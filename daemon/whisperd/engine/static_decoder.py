@@ -233,7 +233,7 @@ class StaticCacheDecoder:
         for _ in range(steps or self.CHECK_EVERY):
             step()
         self.steps_run += steps or self.CHECK_EVERY
-        finished = buf.finished.cpu().tolist()
+        (finished,) = _to_host(buf.finished)
         done = [slot for slot, tag in enumerate(self._occupants) if tag is not None and finished[slot]]
         if not done:
             return []
@@ -289,7 +289,7 @@ class StaticCacheDecoder:
             return
         taken = [slot for slot, tag in enumerate(self._occupants) if tag is not None]
         if self._live is not None and taken:
-            target.move_rows(self._live, torch.tensor(taken, device=self.device))
+            target.move_rows(self._live, torch.tensor(taken, dtype=torch.long).to(self.device, non_blocking=True))
         else:
             target.finished.fill_(True)
         tags = [self._occupants[slot] for slot in taken]
@@ -302,54 +302,65 @@ class StaticCacheDecoder:
                                            self.max_len, self.dtype, self.device)
         return self._buffers[size]
 
+    # The per-row fields `_load` sets, in the order of the columns after the sequence in the packed
+    # integer upload (the float ones go in a second, smaller upload).
+    _INT_FIELDS = ("prefix_len", "limit", "sot_position", "token", "previous", "position", "generated",
+                   "last_timestamp", "ban_eos", "finished")
+    _FLOAT_FIELDS = ("temperature", "sum_logprob", "no_speech_prob")
+
     def _load(self, buf: _Buffers, slots: list[int], features: torch.Tensor, prefixes: Sequence[Prefix],
               temperatures: Sequence[float], fixed_tokens: int | None) -> None:
-        """Encode the windows, fill their slots' cross-attention keys and values, reset their state."""
-        rows = len(slots)
-        index = torch.tensor(slots, device=self.device)
+        """Encode the windows, fill their slots' cross-attention keys and values, reset their state.
+        The rows' state goes up in one copy that does not wait for the device."""
+        rows, last = len(slots), self.max_len - 1
+        ints = torch.full((rows, 1 + self.max_len + len(self._INT_FIELDS)), self.rules.eos, dtype=torch.long)
+        ints[:, 0] = torch.tensor(slots, dtype=torch.long)
+        sequence = ints[:, 1:1 + self.max_len]
+        for row, prefix in enumerate(prefixes):
+            sequence[row, :len(prefix.tokens)] = torch.tensor(prefix.tokens, dtype=torch.long)
+        prefix_len = torch.tensor([len(p.tokens) for p in prefixes], dtype=torch.long)
+        fields = ints[:, 1 + self.max_len:]
+        fields[:, 0] = prefix_len
+        fields[:, 1] = last if fixed_tokens is None else (prefix_len - 1 + fixed_tokens).clamp(max=last)
+        fields[:, 2] = torch.tensor([p.sot_position for p in prefixes], dtype=torch.long)
+        fields[:, 3] = sequence[:, 0]  # token
+        # previous: end-of-text, as filled; position, generated: 0; last_timestamp: -1 (none yet)
+        fields[:, 5:7] = 0
+        fields[:, 7] = -1
+        fields[:, 8] = int(fixed_tokens is not None)  # ban_eos
+        fields[:, 9] = 0  # finished
+        floats = torch.zeros(rows, len(self._FLOAT_FIELDS), dtype=torch.float32)
+        floats[:, 0] = torch.tensor(list(temperatures), dtype=torch.float32)
+        ints, floats = _to_device(ints, self.device), _to_device(floats, self.device)
+
+        index = ints[:, 0]
         encoded = self.model.get_encoder()(features.to(self.dtype)).last_hidden_state
         for i, layer in enumerate(self.layers):
             attention = layer.encoder_attn
             buf.cross_k[i].index_copy_(0, index, self._heads_first(attention.k_proj(encoded)))
             buf.cross_v[i].index_copy_(0, index, self._heads_first(attention.v_proj(encoded)))
-        sequence = torch.full((rows, self.max_len), self.rules.eos, dtype=torch.long)
-        prefix_len = torch.tensor([len(p.tokens) for p in prefixes], dtype=torch.long)
-        for row, prefix in enumerate(prefixes):
-            sequence[row, :len(prefix.tokens)] = torch.tensor(prefix.tokens, dtype=torch.long)
-        last = self.max_len - 1
-        limit = torch.full((rows,), last, dtype=torch.long) if fixed_tokens is None else \
-            (prefix_len - 1 + fixed_tokens).clamp(max=last)
-        values = {
-            "sequence": sequence, "prefix_len": prefix_len, "limit": limit,
-            "sot_position": torch.tensor([p.sot_position for p in prefixes], dtype=torch.long),
-            "temperature": torch.tensor(list(temperatures), dtype=torch.float32),
-            "token": sequence[:, 0], "previous": torch.full((rows,), self.rules.eos, dtype=torch.long),
-            "position": torch.zeros(rows, dtype=torch.long), "generated": torch.zeros(rows, dtype=torch.long),
-            "sum_logprob": torch.zeros(rows, dtype=torch.float32),
-            "last_timestamp": torch.full((rows,), -1, dtype=torch.long),
-            "no_speech_prob": torch.zeros(rows, dtype=torch.float32),
-            "ban_eos": torch.full((rows,), fixed_tokens is not None, dtype=torch.bool),
-            "finished": torch.zeros(rows, dtype=torch.bool),
-        }
-        for name, value in values.items():
-            getattr(buf, name).index_copy_(0, index, value.to(self.device))
+        buf.sequence.index_copy_(0, index, ints[:, 1:1 + self.max_len])
+        for column, name in enumerate(self._INT_FIELDS):
+            target = getattr(buf, name)
+            target.index_copy_(0, index, ints[:, 1 + self.max_len + column].to(target.dtype))
+        for column, name in enumerate(self._FLOAT_FIELDS):
+            getattr(buf, name).index_copy_(0, index, floats[:, column])
 
     def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
 
     def _attempts(self, buf: _Buffers, slots: list[int]) -> list[Attempt]:
-        index = torch.tensor(slots, device=self.device)
-        sequence = buf.sequence.index_select(0, index).cpu().tolist()
-        prefix_len = buf.prefix_len.index_select(0, index).cpu().tolist()
-        generated = buf.generated.index_select(0, index).cpu().tolist()
-        sum_logprob = buf.sum_logprob.index_select(0, index).cpu().tolist()
-        no_speech = buf.no_speech_prob.index_select(0, index).cpu().tolist()
+        index = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        ints = torch.cat([buf.prefix_len.unsqueeze(1), buf.generated.unsqueeze(1), buf.sequence], dim=1)
+        floats = torch.stack([buf.sum_logprob, buf.no_speech_prob], dim=1)
+        ints, floats = _to_host(ints.index_select(0, index), floats.index_select(0, index))
         out = []
         for row in range(len(slots)):
-            tokens = tuple(sequence[row][prefix_len[row]:prefix_len[row] + generated[row]])
-            count = max(1, generated[row])
-            out.append(Attempt(tokens=tokens, avg_logprob=sum_logprob[row] / count, no_speech_prob=no_speech[row]))
+            prefix_len, generated, sequence = ints[row][0], ints[row][1], ints[row][2:]
+            sum_logprob, no_speech = floats[row]
+            tokens = tuple(sequence[prefix_len:prefix_len + generated])
+            out.append(Attempt(tokens=tokens, avg_logprob=sum_logprob / max(1, generated), no_speech_prob=no_speech))
         return out
 
     # -- the step ---------------------------------------------------------------------------------
@@ -455,3 +466,23 @@ class StaticCacheDecoder:
         buf.token.copy_(token)
         buf.position.add_(active.long())
         buf.finished.copy_(buf.finished | (live & (token == r.eos)) | (buf.position >= buf.limit))
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device; to a GPU through pinned memory, so that the copy is queued
+    behind the device's work instead of waiting for it."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(*tensors: torch.Tensor) -> list[list]:
+    """Device tensors as lists, with one wait for the device for all of them: every wait gives up
+    the interpreter lock, and getting it back can take a switch interval with busy threads around."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.tolist() for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for target, t in zip(host, tensors):
+        target.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [t.tolist() for t in host]

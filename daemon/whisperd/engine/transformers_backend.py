@@ -23,6 +23,7 @@ from whisperd.devices import LoadPlan
 from whisperd.engine.device_features import LogMel
 from whisperd.engine.shared_batches import RowStream, SharedBatches
 from whisperd.engine.static_decoder import Prefix, StaticCacheDecoder, TokenRules
+from whisperd.engine.streams import new_stream, on_stream, wait_for_own_work
 from whisperd.engine.window_rules import FRAMES_PER_WINDOW, Attempt, Pass, Thresholds, decode_passes
 from whisperd.languages import language_name
 from whisperd.options import DecodeOptions, EngineSettings
@@ -105,12 +106,13 @@ class TransformersBackend:
         self.feature_dtype = input_dtype(self.model)
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self.static = self._static_decoder() if settings.decoder != "generate" else None
-        # One thread at a time on the device: graphs are captured on first use of a batch size,
-        # and a capture must see no other thread's kernels.
+        # The static decoder's calls, one at a time. Its graphs are captured before the first job
+        # (warm_up), in thread-local capture mode, so other threads' device work (features,
+        # language, the speech scan) runs beside it without taking this lock.
         self._device_lock = threading.RLock()
         # generate() decodes one caller's windows at a time: only the static decoder shares batches.
         self.shared_batches: SharedBatches[_Row, Attempt] | None = (
-            SharedBatches(_StaticRows(self.static, self._device_lock), SHARED_BATCH_ROWS)
+            SharedBatches(_StaticRows(self.static, self._device_lock, new_stream(self.device)), SHARED_BATCH_ROWS)
             if self.static is not None else None)
         self.log_mel = LogMel(self.processor.feature_extractor.mel_filters, self.device)
         if self.device != "cpu":
@@ -129,7 +131,8 @@ class TransformersBackend:
         if self.is_multilingual:
             self.detect_language(silence[0])
         if self.static is not None:
-            sizes = {self.static.bucket(n) for n in range(1, self.settings.batch_size + 1)}
+            # Every bucket the batch in flight can move through: rows of several recordings share it.
+            sizes = {self.static.bucket(n) for n in range(1, self.static.max_batch + 1)}
             self.static.warm_up(sorted(sizes), self.model.config.num_mel_bins)
             self.log_mel(silence * self.settings.batch_size)
         log.info("engine warmed up", extra={"seconds": round(time.perf_counter() - started, 2)})
@@ -163,10 +166,6 @@ class TransformersBackend:
 
     def detect_language(self, audio: np.ndarray) -> tuple[str, float]:
         """Most likely language of up to 30 s of audio, and its probability."""
-        with self._device_lock:
-            return self._detect_language(audio)
-
-    def _detect_language(self, audio: np.ndarray) -> tuple[str, float]:
         features = self._features(audio[:WINDOW_SAMPLES])["input_features"]
         lang_to_id: dict[str, int] = self.generation_config.lang_to_id
         ids = torch.tensor(list(lang_to_id.values()), device=self.device)
@@ -197,8 +196,8 @@ class TransformersBackend:
 
     def _decode_static(self, windows: Sequence[np.ndarray], language: str,
                        options: DecodeOptions) -> list[list[Segment]]:
-        with self._device_lock:
-            features = self.log_mel(windows).to(self.feature_dtype)
+        features = self.log_mel(windows).to(self.feature_dtype)
+        wait_for_own_work(self.device)  # the decoder reads them on its own stream
         prefix = self._prefix(language, options)
         assert self.shared_batches is not None
         passes = _PassStream(self.shared_batches.stream(), features, prefix, options.temperatures)
@@ -321,10 +320,11 @@ class _PassStream:
 
 
 class _StaticRows:
-    """The static-cache decoder as a `RowDecoder` of passes, one device call at a time."""
+    """The static-cache decoder as a `RowDecoder` of passes: one device call at a time, queued on
+    the decoder's own stream (see streams)."""
 
-    def __init__(self, static: StaticCacheDecoder, device_lock: threading.RLock) -> None:
-        self._static, self._lock = static, device_lock
+    def __init__(self, static: StaticCacheDecoder, device_lock: threading.RLock, stream: Any) -> None:
+        self._static, self._lock, self._stream = static, device_lock, stream
 
     @property
     def room(self) -> int:
@@ -335,16 +335,19 @@ class _StaticRows:
         return self._static.occupied
 
     def admit(self, rows: Sequence[_Row], tags: Sequence[object]) -> None:
-        with self._lock:
+        with self._lock, on_stream(self._stream):
+            if self._stream is not None:
+                for row in rows:  # made on the caller's stream: not to be reused while read here
+                    row.features.record_stream(self._stream)
             batch = torch.stack([_from_frame(row.features, row.seek) for row in rows])
             self._static.admit(batch, [row.prefix for row in rows], [row.temperature for row in rows], tags)
 
     def advance(self) -> list[tuple[object, Attempt]]:
-        with self._lock:
+        with self._lock, on_stream(self._stream):
             return self._static.advance()
 
     def drop(self) -> list[object]:
-        with self._lock:
+        with self._lock, on_stream(self._stream):
             return self._static.drop()
 
 

@@ -127,6 +127,33 @@ def test_temperature_fallback_is_sampled(engine_fp32: Engine, clip: Callable[[st
     assert error_rate([speech.reference], [greedy.text], "en") < 0.1
 
 
+def test_sampled_passes_give_the_same_transcript_every_run_and_beside_other_recordings(
+        engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
+    """Each pass samples from its own seed (window, start, attempt): neither another run nor the
+    rows decoded beside it change what it draws."""
+    audio = decode_audio(clip("en_goforward").path)
+    strict = DecodeOptions(language="en", temperatures=(0.0, 0.6, 1.0), logprob_threshold=0.0, no_speech_threshold=None)
+    first, second = (engine_fp32.transcribe(audio, strict) for _ in range(2))
+    assert [(s.start, s.end, s.text) for s in first.segments] == [(s.start, s.end, s.text) for s in second.segments]
+    other = decode_audio(clip("zh_aishell1_BAC009S0764W0121").path)
+    beside = list(engine_fp32.transcribe_many([other, audio], strict))[1]
+    assert not isinstance(beside, Exception)
+    assert [(s.start, s.end, s.text) for s in beside.segments] == [(s.start, s.end, s.text) for s in first.segments]
+
+
+def test_the_sampling_draws_are_uniform_and_differ_by_seed_and_position() -> None:
+    from whisperd.engine.static_decoder import _uniform
+
+    seeds = torch.arange(2000).repeat_interleave(100)
+    positions = torch.arange(100).repeat(2000)
+    u = _uniform(seeds, positions)
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    assert float(counts.min()) > 0.95 * len(u) / 20 and float(counts.max()) < 1.05 * len(u) / 20
+    assert len(torch.unique(u)) > 0.99 * len(u)
+    assert torch.equal(_uniform(seeds[:5], positions[:5]), u[:5])
+
+
 # -- several recordings in shared batches ----------------------------------------------------------
 
 
@@ -251,3 +278,25 @@ def test_rows_admitted_into_a_batch_in_flight_decode_as_they_do_alone(
         found.update(static.advance())
     assert [found[tag].tokens for tag in ("first", "second", "third")] == alone
     assert alone[0] and alone[1] != alone[0]
+    # Every bucket is a view of one storage: moving between them allocates nothing.
+    base = static._storage.self_k.data_ptr()
+    assert all(view.self_k.data_ptr() == base for view in static._views.values())
+    assert static._storage.batch == max(static._views)
+
+
+def test_a_row_moved_to_a_smaller_bucket_goes_on_as_before(engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
+    """Two short rows finish first; the long one in slot 2 moves to slot 0 of a bucket of 1."""
+    backend = engine_fp32.backend
+    static, prefix = backend.static, backend._prefix("en", DecodeOptions(language="en"))
+    audio = decode_audio(clip("en_goforward").path)
+    features = backend.log_mel([audio[:16000 * 6], audio[16000:16000 * 7], audio[16000 * 2:]]).to(backend.feature_dtype)
+    alone = static.decode(features[2:3], [prefix], [0.0], fixed_tokens=40)[0].tokens
+    static.admit(features[:2], [prefix] * 2, [0.0] * 2, ["short", "short too"], fixed_tokens=8)
+    static.admit(features[2:3], [prefix], [0.0], ["long"], fixed_tokens=40)
+    assert static._occupants.index("long") == 2
+    found = {}
+    while static.occupied:
+        found.update(static.advance())
+        if "short" in found and static.occupied:
+            assert static._live.batch == 1 and static._occupants == ["long"]
+    assert found["long"].tokens == alone and len(alone) == 40

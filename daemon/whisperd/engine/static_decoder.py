@@ -98,6 +98,7 @@ class _Buffers:
         self.prefix_len = torch.ones(batch, dtype=torch.long, device=device)
         self.sot_position = zeros(batch, kind=torch.long)
         self.temperature = zeros(batch, kind=torch.float32)
+        self.seed = zeros(batch, kind=torch.long)  # a sampled row's draws depend on this and its position only
         self.ban_eos = zeros(batch, kind=torch.bool)  # speed runs: a fixed number of tokens
         self.finished = torch.ones(batch, dtype=torch.bool, device=device)  # free slots count as finished
         self.generated = zeros(batch, kind=torch.long)  # tokens chosen so far, end-of-text included
@@ -114,17 +115,31 @@ class _Buffers:
         The caches are most of the memory (large-v3 at batch 128: 31 GB), so they are never copied."""
         return {name: t for name, t in vars(self).items() if isinstance(t, torch.Tensor) and name not in self.CACHES}
 
-    def move_rows(self, source: _Buffers, rows: torch.Tensor) -> None:
-        """Copy `source`'s rows into this bucket's first len(rows) slots (one layer of cache at a
-        time, so a large model's move needs little memory beyond the buffers); the rest are free."""
-        count = rows.numel()
+    def first_rows(self, size: int) -> _Buffers:
+        """The first `size` slots as a bucket of their own: views, so every bucket shares this
+        memory, and each layer's slice of a cache is contiguous."""
+        view = object.__new__(_Buffers)
+        for name, t in vars(self).items():
+            if isinstance(t, torch.Tensor):
+                setattr(view, name, t[:, :size] if name in self.CACHES else t[:size])
+        view.batch = size
+        return view
+
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor, other: _Buffers | None = None) -> None:
+        """Copy the rows at `source` (of `other`, by default this storage) into the slots at
+        `target`, one layer of cache at a time so a large model's move needs little memory."""
+        other = other or self
         for name in self.CACHES:
-            mine, theirs = getattr(self, name), getattr(source, name)
+            mine, theirs = getattr(self, name), getattr(other, name)
             for layer in range(mine.shape[0]):
-                mine[layer, :count] = theirs[layer].index_select(0, rows)
+                mine[layer].index_copy_(0, target, theirs[layer].index_select(0, source))
         for name, mine in self.step_state().items():
-            mine[:count] = getattr(source, name).index_select(0, rows)
-        self.finished[count:] = True
+            mine.index_copy_(0, target, getattr(other, name).index_select(0, source))
+
+
+def bytes_per_row(layers: int, d_model: int, audio_ctx: int, max_len: int, dtype: torch.dtype) -> int:
+    """The key/value caches of one row: self-attention (max_len) and cross-attention (audio_ctx)."""
+    return 2 * layers * d_model * (max_len + audio_ctx) * torch.tensor([], dtype=dtype).element_size()
 
 
 class StaticCacheDecoder:
@@ -153,14 +168,34 @@ class StaticCacheDecoder:
         self.audio_ctx = int(config.max_source_positions)
         self.dtype = decoder.embed_tokens.weight.dtype
         self.device = decoder.embed_tokens.weight.device
-        self.max_batch = max_batch
+        self.max_batch = self._rows_that_fit(max_batch)
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self._buffers: dict[int, _Buffers] = {}
+        self._storage: _Buffers | None = None  # every bucket is a view of its first rows
+        self._views: dict[int, _Buffers] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._live: _Buffers | None = None  # the bucket the rows in flight are in
         self._occupants: list[object | None] = []  # per slot of that bucket: the caller's tag, None if free
         self.steps_run = 0
         self._constants()
+
+    # Of the GPU memory free once the model is loaded, how much the caches may take (the rest is
+    # the encoder's activations for an admission, log-mel features, the speech scan).
+    CACHE_SHARE_OF_FREE_MEMORY = 0.6
+
+    def _rows_that_fit(self, wanted: int) -> int:
+        """`wanted`, or on a GPU the largest power of two whose caches fit in a share of the free
+        memory (large-v3 needs 0.3 GB a row: 128 rows would not fit beside it on most cards)."""
+        if self.device.type != "cuda":
+            return wanted
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_row = bytes_per_row(len(self.layers), self.d_model, self.audio_ctx, self.max_len, self.dtype)
+        fit = max(1, int(free * self.CACHE_SHARE_OF_FREE_MEMORY) // per_row)
+        if fit >= wanted:
+            return wanted
+        rows = 1 << (fit.bit_length() - 1)
+        log.warning("decoder batch capped by GPU memory", extra={"rows": rows, "wanted": wanted,
+                                                                "free_gb": round(free / 2**30, 1)})
+        return rows
 
     def _constants(self) -> None:
         r, vocab = self.rules, self.rules.vocab_size
@@ -203,11 +238,12 @@ class StaticCacheDecoder:
 
     @torch.inference_mode()
     def admit(self, features: torch.Tensor, prefixes: Sequence[Prefix], temperatures: Sequence[float],
-              tags: Sequence[object], *, fixed_tokens: int | None = None) -> None:
+              tags: Sequence[object], *, seeds: Sequence[int] | None = None, fixed_tokens: int | None = None) -> None:
         """Start decoding these windows (features: (rows, n_mels, 3000)), each after its prefix
         (start-of-transcript, language, task; a prompt before them) at its temperature (0: greedy).
-        `advance` hands each back with its tag. `fixed_tokens` makes a row choose exactly that many
-        tokens, end-of-text never among them (for speed measurements)."""
+        A sampled row's choices depend only on its seed (default: its index here), not on the rows
+        beside it. `advance` hands each back with its tag. `fixed_tokens` makes a row choose
+        exactly that many tokens, end-of-text never among them (for speed measurements)."""
         rows = len(tags)
         if rows > self.room:
             raise ValueError(f"{rows} rows do not fit beside {self.occupied} in a batch of {self.max_batch}")
@@ -217,7 +253,8 @@ class StaticCacheDecoder:
             self._move_to(self.bucket(self.occupied + rows))
         slots = [slot for slot, tag in enumerate(self._occupants) if tag is None][:rows]
         assert self._live is not None
-        self._load(self._live, slots, features, prefixes, temperatures, fixed_tokens)
+        self._load(self._live, slots, features, prefixes, temperatures, range(rows) if seeds is None else seeds,
+                   fixed_tokens)
         for slot, tag in zip(slots, tags):
             self._occupants[slot] = tag
 
@@ -268,7 +305,7 @@ class StaticCacheDecoder:
             if take:
                 stop = start + take
                 self.admit(features[start:stop], prefixes[start:stop], temperatures[start:stop], range(start, stop),
-                           fixed_tokens=fixed_tokens)
+                           seeds=range(start, stop), fixed_tokens=fixed_tokens)
                 start = stop
             for row, attempt in self.advance():
                 found[row] = attempt  # type: ignore[index]
@@ -276,40 +313,70 @@ class StaticCacheDecoder:
 
     def warm_up(self, batch_sizes: Sequence[int], n_mels: int) -> None:
         """Capture the graphs (and pick the kernels) for these batch sizes now, before any job waits."""
-        for size in sorted({self.bucket(b) for b in batch_sizes}):
+        sizes = sorted({self.bucket(b) for b in batch_sizes})
+        self._storage_for(sizes[-1])  # the largest first: a storage that grows loses its graphs
+        for size in sizes:
             features = torch.zeros(size, n_mels, 3000, dtype=self.dtype, device=self.device)
             self.decode(features, [Prefix((self.rules.eos,))] * size, [0.0] * size)
 
     # -- slots ------------------------------------------------------------------------------------
 
     def _move_to(self, size: int) -> None:
-        """Make the bucket of `size` rows the live one, the rows in flight moved to its first slots."""
+        """Make the bucket of `size` rows the live one. Buckets are the first rows of one storage:
+        growing moves nothing, shrinking moves the rows beyond the new size into free slots below."""
+        storage = self._storage_for(size)
         target = self._buffers_for(size)
         if self._live is target:
             return
+        old = self._live.batch if self._live is not None else None  # None: a new storage, rows at its start
         taken = [slot for slot, tag in enumerate(self._occupants) if tag is not None]
-        if self._live is not None and taken:
-            target.move_rows(self._live, torch.tensor(taken, dtype=torch.long).to(self.device, non_blocking=True))
-        else:
-            target.finished.fill_(True)
-        tags = [self._occupants[slot] for slot in taken]
-        self._occupants = tags + [None] * (size - len(tags))
+        movers = [slot for slot in taken if slot >= size]
+        if movers:
+            free = [slot for slot in range(size) if slot not in taken][:len(movers)]
+            storage.copy_rows(self._index(movers), self._index(free))
+            for source, slot in zip(movers, free):
+                self._occupants[slot], self._occupants[source] = self._occupants[source], None
+        if old is not None and size > old:
+            storage.finished[old:size] = True  # slots last used by another bucket hold stale rows
+        self._occupants = (self._occupants + [None] * size)[:size]
         self._live = target
 
+    def _storage_for(self, size: int) -> _Buffers:
+        """The storage, replaced by a larger one (the rows in flight copied over, graphs captured
+        again) when `size` rows do not fit; on a GPU warm_up makes it max_batch rows at once."""
+        old = self._storage
+        if old is not None and old.batch >= size:
+            return old
+        new = _Buffers(size, len(self.layers), self.heads, self.head_dim, self.audio_ctx, self.max_len,
+                       self.dtype, self.device)
+        taken = [slot for slot, tag in enumerate(self._occupants) if tag is not None]
+        if old is not None and taken:
+            new.copy_rows(self._index(taken), self._index(list(range(len(taken)))), other=old)
+            self._occupants = [self._occupants[slot] for slot in taken]
+        else:
+            self._occupants = []
+        self._storage, self._live = new, None
+        self._views.clear()
+        self._graphs.clear()
+        return new
+
     def _buffers_for(self, size: int) -> _Buffers:
-        if size not in self._buffers:
-            self._buffers[size] = _Buffers(size, len(self.layers), self.heads, self.head_dim, self.audio_ctx,
-                                           self.max_len, self.dtype, self.device)
-        return self._buffers[size]
+        storage = self._storage_for(size)
+        if size not in self._views:
+            self._views[size] = storage if size == storage.batch else storage.first_rows(size)
+        return self._views[size]
+
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
 
     # The per-row fields `_load` sets, in the order of the columns after the sequence in the packed
     # integer upload (the float ones go in a second, smaller upload).
     _INT_FIELDS = ("prefix_len", "limit", "sot_position", "token", "previous", "position", "generated",
-                   "last_timestamp", "ban_eos", "finished")
+                   "last_timestamp", "ban_eos", "finished", "seed")
     _FLOAT_FIELDS = ("temperature", "sum_logprob", "no_speech_prob")
 
     def _load(self, buf: _Buffers, slots: list[int], features: torch.Tensor, prefixes: Sequence[Prefix],
-              temperatures: Sequence[float], fixed_tokens: int | None) -> None:
+              temperatures: Sequence[float], seeds: Sequence[int], fixed_tokens: int | None) -> None:
         """Encode the windows, fill their slots' cross-attention keys and values, reset their state.
         The rows' state goes up in one copy that does not wait for the device."""
         rows, last = len(slots), self.max_len - 1
@@ -329,6 +396,7 @@ class StaticCacheDecoder:
         fields[:, 7] = -1
         fields[:, 8] = int(fixed_tokens is not None)  # ban_eos
         fields[:, 9] = 0  # finished
+        fields[:, 10] = torch.tensor([seed & _MASK32 for seed in seeds], dtype=torch.long)
         floats = torch.zeros(rows, len(self._FLOAT_FIELDS), dtype=torch.float32)
         floats[:, 0] = torch.tensor(list(temperatures), dtype=torch.float32)
         ints, floats = _to_device(ints, self.device), _to_device(floats, self.device)
@@ -351,7 +419,7 @@ class StaticCacheDecoder:
         return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
 
     def _attempts(self, buf: _Buffers, slots: list[int]) -> list[Attempt]:
-        index = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        index = self._index(slots)
         ints = torch.cat([buf.prefix_len.unsqueeze(1), buf.generated.unsqueeze(1), buf.sequence], dim=1)
         floats = torch.stack([buf.sum_logprob, buf.no_speech_prob], dim=1)
         ints, floats = _to_host(ints.index_select(0, index), floats.index_select(0, index))
@@ -448,8 +516,11 @@ class StaticCacheDecoder:
         logprobs = torch.log_softmax(scores, dim=-1)
         greedy = scores.argmax(dim=-1)
         hot = buf.temperature > 0
-        gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp_(1e-20, 1.0)))
-        sampled = (scores / buf.temperature.clamp(min=1e-6).unsqueeze(1) + gumbel).argmax(dim=-1)
+        # Sampling at the row's temperature by the inverse of its distribution function, from one
+        # uniform number a row and step (what torch.multinomial draws from, as generate() samples).
+        cdf = torch.softmax(scores / buf.temperature.clamp(min=1e-6).unsqueeze(1), dim=-1).cumsum(dim=-1)
+        drawn = _uniform(buf.seed, position) * cdf[:, -1]
+        sampled = torch.searchsorted(cdf, drawn.unsqueeze(1)).squeeze(1).clamp(max=r.vocab_size - 1)
         choice = torch.where(hot, sampled, greedy)
         at_following = following.clamp(max=self.max_len - 1).unsqueeze(1)
         forced = buf.sequence.gather(1, at_following).squeeze(1)
@@ -466,6 +537,22 @@ class StaticCacheDecoder:
         buf.token.copy_(token)
         buf.position.add_(active.long())
         buf.finished.copy_(buf.finished | (live & (token == r.eos)) | (buf.position >= buf.limit))
+
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # a 32-bit integer hash's multiplier; products stay below 2**63
+
+
+def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """A number in (0, 1) for each row from its seed and position alone (a counter-based hash,
+    so a graph replays it and the rows beside a row never change its draws)."""
+    h = (seed * 1_000_003 + position) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MIX) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MIX) & _MASK32
+    h = h ^ (h >> 16)
+    return ((h >> 8).float() + 0.5) / 2.0**24  # 24 bits: exact in float32 (Intel GPUs may lack float64)
 
 
 def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ from whisperd.engine.device_features import LogMel
 from whisperd.engine.shared_batches import RowStream, SharedBatches
 from whisperd.engine.static_decoder import Prefix, StaticCacheDecoder, TokenRules
 from whisperd.engine.streams import new_stream, on_stream, wait_for_own_work
-from whisperd.engine.window_rules import FRAMES_PER_WINDOW, Attempt, Pass, Thresholds, decode_passes
+from whisperd.engine.window_rules import FRAMES_PER_WINDOW, Attempt, Pass, Thresholds, decode_passes, pass_seed
 from whisperd.languages import language_name
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Segment, Word
@@ -310,8 +310,8 @@ class _PassStream:
         self._rows, self._features, self._prefix, self._temperatures = rows, features, prefix, temperatures
 
     def submit(self, passes: Sequence[Pass]) -> None:
-        self._rows.submit([_Row(self._features[p.window], p.seek, self._prefix, self._temperatures[p.attempt])
-                           for p in passes], passes)
+        self._rows.submit([_Row(self._features[p.window], p.seek, self._prefix, self._temperatures[p.attempt],
+                                pass_seed(p)) for p in passes], passes)
 
     def completed(self) -> Iterator[tuple[Pass, Attempt]]:
         for task, attempt in self._rows.completed():
@@ -340,7 +340,8 @@ class _StaticRows:
                 for row in rows:  # made on the caller's stream: not to be reused while read here
                     row.features.record_stream(self._stream)
             batch = torch.stack([_from_frame(row.features, row.seek) for row in rows])
-            self._static.admit(batch, [row.prefix for row in rows], [row.temperature for row in rows], tags)
+            self._static.admit(batch, [row.prefix for row in rows], [row.temperature for row in rows], tags,
+                               seeds=[row.seed for row in rows])
 
     def advance(self) -> list[tuple[object, Attempt]]:
         with self._lock, on_stream(self._stream):
@@ -354,12 +355,13 @@ class _StaticRows:
 @dataclass(frozen=True, slots=True)
 class _Row:
     """One pass over one window: its features (on the device), from which frame, after which
-    prefix, at which temperature."""
+    prefix, at which temperature, with which seed for sampling."""
 
     features: torch.Tensor
     seek: int
     prefix: Prefix
     temperature: float
+    seed: int
 
 
 def _from_frame(features: torch.Tensor, frame: int) -> torch.Tensor:

@@ -117,6 +117,12 @@ class Pass:
     attempt: int
 
 
+def pass_seed(task: Pass) -> int:
+    """The seed of a pass's sampling: a recording gives the same transcript on every run, whatever
+    was decoded beside it."""
+    return zlib.crc32(f"{task.window}:{task.seek}:{task.attempt}".encode())
+
+
 class PassQueue(Protocol):
     """Where passes are decoded: `submit` hands passes in, `completed` yields each pass with its
     attempt as it is done (submissions made meanwhile included) until none is outstanding."""

@@ -240,6 +240,23 @@ def test_more_rows_than_slots_wait_for_free_slots() -> None:
     assert max(len(rows) + before for rows, before in decoder.admitted) <= 2
 
 
+def test_a_result_for_an_unknown_row_fails_the_rows_in_flight_instead_of_hanging_them() -> None:
+    class Confused(Countdown):
+        confused = True
+
+        def advance(self) -> list[tuple[object, int]]:
+            done = super().advance()
+            if done and self.confused:
+                self.confused = False
+                return [("no such row", 0), *done]
+            return done
+
+    batches: SharedBatches[int, int] = SharedBatches(Confused(8), 8)
+    with pytest.raises(KeyError):
+        batches.decode([7, 3])
+    assert batches.decode([2]) == [20]
+
+
 def test_a_failure_reaches_every_caller_in_flight_and_decoding_goes_on() -> None:
     decoder = Countdown(8, broken_at=7)
     batches: SharedBatches[int, int] = SharedBatches(decoder, 8)

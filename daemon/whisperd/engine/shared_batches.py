@@ -179,12 +179,12 @@ class SharedBatches(Generic[Row, Result]):
                 del self._waiting[:len(taken)]
             try:
                 self._admit(taken)
-                finished = self._decoder.advance()
+                self._deliver(self._decoder.advance())
             except BaseException as exc:  # noqa: BLE001 - handed to every caller whose rows were in flight
+                # Whatever failed (the device, or this bookkeeping), the thread goes on: it is the
+                # only one decoding, and a caller left without its rows would wait forever.
                 log.warning("decoding failed; failing the rows in flight", exc_info=True)
                 self._fail([*taken, *self._in_flight.values()], exc)
-                continue
-            self._deliver(finished)
 
     def _admit(self, taken: list[_Entry[Row, Result]]) -> None:
         if not taken:

@@ -289,6 +289,7 @@ def test_rows_admitted_into_a_batch_in_flight_decode_as_they_do_alone(
     features = backend.log_mel(windows).to(backend.feature_dtype)
     alone = [static.decode(features[i:i + 1], [prefix], [0.0])[0].tokens for i in range(len(windows))]
     static.admit(features[:1], [prefix], [0.0], ["first"])
+    assert static._live.batch == 1  # an empty batch starts at the bucket its rows need
     found = dict(static.advance(3))
     static.admit(features[1:3], [prefix] * 2, [0.0] * 2, ["second", "third"])  # into a bucket of 4
     while static.occupied:

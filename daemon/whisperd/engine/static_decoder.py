@@ -249,8 +249,9 @@ class StaticCacheDecoder:
             raise ValueError(f"{rows} rows do not fit beside {self.occupied} in a batch of {self.max_batch}")
         if rows == 0:
             return
-        if self._live is None or self.occupied + rows > self._live.batch:
-            self._move_to(self.bucket(self.occupied + rows))
+        needed = self.bucket(self.occupied + rows)
+        if self._live is None or needed > self._live.batch or not self.occupied:  # an empty batch starts small
+            self._move_to(needed)
         slots = [slot for slot, tag in enumerate(self._occupants) if tag is None][:rows]
         assert self._live is not None
         self._load(self._live, slots, features, prefixes, temperatures, range(rows) if seeds is None else seeds,

@@ -61,7 +61,10 @@ def test_mandarin_character_error_rate(engine: Engine, clip: Callable[[str], Dev
 
 
 def test_mandarin_translated_to_english(each_backend: Engine, clip: Callable[[str], DevClip]) -> None:
-    result = transcribe(each_backend, clip(MANDARIN[0]), language="chinese", task="translate")
+    """Greedy. whisper-base is unsure of this translation: every temperature fails the log-probability
+    gate, and the last attempt, sampled at 1.0, is kept (as generate() keeps it). What one such
+    sample says is chance; the fallback is tested in test_static_decoder.py."""
+    result = transcribe(each_backend, clip(MANDARIN[0]), language="chinese", task="translate", temperatures=(0.0,))
     assert result.language == "zh" and result.task == "translate"
     assert not CJK.search(result.text), result.text
     assert len(re.findall(r"[A-Za-z]+", result.text)) >= 3, result.text

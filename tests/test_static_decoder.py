@@ -318,3 +318,17 @@ def test_a_row_moved_to_a_smaller_bucket_goes_on_as_before(engine_fp32: Engine, 
         if "short" in found and static.occupied:
             assert static._live.batch == 1 and static._occupants == ["long"]
     assert found["long"].tokens == alone and len(alone) == 40
+
+
+def test_rows_in_flight_are_capped_by_free_device_memory(engine_fp32: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """whisper-base in fp32 keeps 48 MB of caches a row; 60 % of the free memory is theirs."""
+    from whisperd.engine import static_decoder
+
+    static = engine_fp32.backend.static
+    per_row = static_decoder.bytes_per_row(len(static.layers), static.d_model, static.audio_ctx, static.max_len,
+                                           static.dtype)
+    assert per_row == 2 * 6 * 512 * (448 + 1500) * 4
+    for free_bytes, rows in ((10 * 2**30, 128), (2**30, 8), (10**6, 1)):
+        monkeypatch.setattr(static_decoder, "_free_memory", lambda device, free=free_bytes: free)
+        decoder = static_decoder.StaticCacheDecoder(engine_fp32.backend.model, static.rules, max_batch=128)
+        assert decoder.max_batch == rows

@@ -184,10 +184,10 @@ class StaticCacheDecoder:
 
     def _rows_that_fit(self, wanted: int) -> int:
         """`wanted`, or on a GPU the largest power of two whose caches fit in a share of the free
-        memory (large-v3 needs 0.3 GB a row: 128 rows would not fit beside it on most cards)."""
-        if self.device.type != "cuda":
+        memory (large-v3 needs 0.32 GB a row: 128 rows would not fit beside it on most cards)."""
+        free = _free_memory(self.device)
+        if free is None:
             return wanted
-        free, _ = torch.cuda.mem_get_info(self.device)
         per_row = bytes_per_row(len(self.layers), self.d_model, self.audio_ctx, self.max_len, self.dtype)
         fit = max(1, int(free * self.CACHE_SHARE_OF_FREE_MEMORY) // per_row)
         if fit >= wanted:
@@ -554,6 +554,16 @@ def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     h = (h * _MIX) & _MASK32
     h = h ^ (h >> 16)
     return ((h >> 8).float() + 0.5) / 2.0**24  # 24 bits: exact in float32 (Intel GPUs may lack float64)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on a GPU (CUDA, or an Intel GPU where this torch build reports it); None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    info = getattr(getattr(torch, "xpu", None), "mem_get_info", None)
+    if device.type == "xpu" and info is not None:
+        return int(info(device)[0])
+    return None
 
 
 def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

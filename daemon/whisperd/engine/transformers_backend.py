@@ -131,8 +131,10 @@ class TransformersBackend:
         if self.is_multilingual:
             self.detect_language(silence[0])
         if self.static is not None:
-            # Every bucket the batch in flight can move through: rows of several recordings share it.
-            sizes = {self.static.bucket(n) for n in range(1, self.static.max_batch + 1)}
+            # With graphs, every bucket the batch in flight can move through (rows of several
+            # recordings share it), so that no capture runs beside a job; without, a job's own.
+            top = self.static.max_batch if self.static.use_graphs else self.settings.batch_size
+            sizes = {self.static.bucket(n) for n in range(1, top + 1)}
             self.static.warm_up(sorted(sizes), self.model.config.num_mel_bins)
             self.log_mel(silence * self.settings.batch_size)
         log.info("engine warmed up", extra={"seconds": round(time.perf_counter() - started, 2)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from transformers.models.whisper.generation_whisper import WhisperGenerationMixi
 from whisperd.audio import decode_audio
 from whisperd.engine import Engine, create_engine
 from whisperd.engine.shared_batches import SharedBatches
-from whisperd.engine.window_rules import Attempt, Thresholds, Waves, decode_passes, judge, split_segments
+from whisperd.engine.window_rules import Attempt, Pass, Thresholds, decode_passes, judge, split_segments
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd_support.evaluation import DevClip, error_rate
 
@@ -66,6 +66,23 @@ def test_quality_gates() -> None:
     assert judge(Attempt(varied, -1.5, 0.9), gates, 51865) == (False, True)  # unsure and silent: skipped
     assert judge(Attempt((100, 101) * 40, -0.3, 0.1), gates, 51865) == (True, False)  # a loop compresses well
     assert judge(Attempt((100, 101) * 40, -0.3, 0.1), Thresholds(None, None, None), 51865) == (False, False)
+
+
+class Waves:
+    """A `PassQueue` over a function that decodes a list of passes at once: everything pending
+    goes in one call, then everything those passes led to, and so on (to see which passes run)."""
+
+    def __init__(self, run: Callable[[list[Pass]], list[Attempt]]) -> None:
+        self._run = run
+        self._pending: list[Pass] = []
+
+    def submit(self, passes: Sequence[Pass]) -> None:
+        self._pending.extend(passes)
+
+    def completed(self) -> Iterator[tuple[Pass, Attempt]]:
+        while self._pending:
+            wave, self._pending = self._pending, []
+            yield from zip(wave, self._run(wave))
 
 
 def test_fallback_reruns_only_the_windows_that_failed() -> None:
@@ -192,11 +209,9 @@ class Countdown:
                 del self.left[tag]
         return done
 
-    def drop(self) -> list[object]:
-        tags = list(self.left)
+    def drop(self) -> None:
         self.left.clear()
         self.rows.clear()
-        return tags
 
 
 def test_shared_batches_start_when_every_member_has_rows_and_route_results() -> None:

@@ -48,8 +48,8 @@ class RowDecoder(Protocol[Row, Result]):
         """Move the batch on; the rows that finished, with their tags."""
         ...
 
-    def drop(self) -> list[object]:
-        """Give up every row in flight (after a failure); their tags."""
+    def drop(self) -> None:
+        """Give up every row in flight (after a failure)."""
         ...
 
 

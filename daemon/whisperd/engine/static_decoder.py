@@ -112,7 +112,7 @@ class _Buffers:
         """The per-row state a step moves on, without the key/value caches: a step only reads the
         cross-attention cache, and writes the self-attention cache at a row's position before it
         reads it (later positions are masked), so running extra steps leaves nothing to undo there.
-        The caches are most of the memory (large-v3 at batch 128: 31 GB), so they are never copied."""
+        The caches are most of the memory (large-v3 at batch 128: 31 GB), so a capture never saves them."""
         return {name: t for name, t in vars(self).items() if isinstance(t, torch.Tensor) and name not in self.CACHES}
 
     def first_rows(self, size: int) -> _Buffers:
@@ -139,7 +139,7 @@ class _Buffers:
 
 def bytes_per_row(layers: int, d_model: int, audio_ctx: int, max_len: int, dtype: torch.dtype) -> int:
     """The key/value caches of one row: self-attention (max_len) and cross-attention (audio_ctx)."""
-    return 2 * layers * d_model * (max_len + audio_ctx) * torch.tensor([], dtype=dtype).element_size()
+    return 2 * layers * d_model * (max_len + audio_ctx) * dtype.itemsize
 
 
 class StaticCacheDecoder:
@@ -267,10 +267,11 @@ class StaticCacheDecoder:
         buf = self._live
         if buf is None or not self.occupied:
             return []
+        steps = steps or self.CHECK_EVERY
         step = self._graph_step(buf) if self.use_graphs else (lambda: self._step(buf))
-        for _ in range(steps or self.CHECK_EVERY):
+        for _ in range(steps):
             step()
-        self.steps_run += steps or self.CHECK_EVERY
+        self.steps_run += steps
         (finished,) = _to_host(buf.finished)
         done = [slot for slot, tag in enumerate(self._occupants) if tag is not None and finished[slot]]
         if not done:
@@ -283,13 +284,11 @@ class StaticCacheDecoder:
             self._move_to(self.bucket(self.occupied))
         return out
 
-    def drop(self) -> list[object]:
-        """Give up every row in flight (after a failure); returns their tags."""
-        tags = [tag for tag in self._occupants if tag is not None]
+    def drop(self) -> None:
+        """Give up every row in flight (after a failure)."""
         self._occupants = [None] * len(self._occupants)
         if self._live is not None:
             self._live.finished.fill_(True)
-        return tags
 
     @torch.inference_mode()
     def decode(self, features: torch.Tensor, prefixes: Sequence[Prefix], temperatures: Sequence[float], *,
@@ -325,8 +324,9 @@ class StaticCacheDecoder:
     def _move_to(self, size: int) -> None:
         """Make the bucket of `size` rows the live one. Buckets are the first rows of one storage:
         growing moves nothing, shrinking moves the rows beyond the new size into free slots below."""
-        storage = self._storage_for(size)
         target = self._buffers_for(size)
+        storage = self._storage
+        assert storage is not None
         if self._live is target:
             return
         old = self._live.batch if self._live is not None else None  # None: a new storage, rows at its start
@@ -387,19 +387,19 @@ class StaticCacheDecoder:
         for row, prefix in enumerate(prefixes):
             sequence[row, :len(prefix.tokens)] = torch.tensor(prefix.tokens, dtype=torch.long)
         prefix_len = torch.tensor([len(p.tokens) for p in prefixes], dtype=torch.long)
-        fields = ints[:, 1 + self.max_len:]
-        fields[:, 0] = prefix_len
-        fields[:, 1] = last if fixed_tokens is None else (prefix_len - 1 + fixed_tokens).clamp(max=last)
-        fields[:, 2] = torch.tensor([p.sot_position for p in prefixes], dtype=torch.long)
-        fields[:, 3] = sequence[:, 0]  # token
-        # previous: end-of-text, as filled; position, generated: 0; last_timestamp: -1 (none yet)
-        fields[:, 5:7] = 0
-        fields[:, 7] = -1
-        fields[:, 8] = int(fixed_tokens is not None)  # ban_eos
-        fields[:, 9] = 0  # finished
-        fields[:, 10] = torch.tensor([seed & _MASK32 for seed in seeds], dtype=torch.long)
-        floats = torch.zeros(rows, len(self._FLOAT_FIELDS), dtype=torch.float32)
-        floats[:, 0] = torch.tensor(list(temperatures), dtype=torch.float32)
+        starts = {
+            "prefix_len": prefix_len,
+            "limit": last if fixed_tokens is None else (prefix_len - 1 + fixed_tokens).clamp(max=last),
+            "sot_position": torch.tensor([p.sot_position for p in prefixes], dtype=torch.long),
+            "token": sequence[:, 0], "previous": self.rules.eos, "position": 0, "generated": 0,
+            "last_timestamp": -1,  # none chosen yet
+            "ban_eos": int(fixed_tokens is not None), "finished": 0,
+            "seed": torch.tensor([seed & _MASK32 for seed in seeds], dtype=torch.long),
+        }
+        for column, name in enumerate(self._INT_FIELDS, start=1 + self.max_len):
+            ints[:, column] = starts[name]
+        floats = torch.zeros(rows, len(self._FLOAT_FIELDS), dtype=torch.float32)  # sum_logprob, no_speech_prob
+        floats[:, self._FLOAT_FIELDS.index("temperature")] = torch.tensor(list(temperatures), dtype=torch.float32)
         ints, floats = _to_device(ints, self.device), _to_device(floats, self.device)
 
         index = ints[:, 0]

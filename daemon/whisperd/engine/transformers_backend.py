@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -106,13 +105,9 @@ class TransformersBackend:
         self.feature_dtype = input_dtype(self.model)
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self.static = self._static_decoder() if settings.decoder != "generate" else None
-        # The static decoder's calls, one at a time. Its graphs are captured before the first job
-        # (warm_up), in thread-local capture mode, so other threads' device work (features,
-        # language, the speech scan) runs beside it without taking this lock.
-        self._device_lock = threading.RLock()
         # generate() decodes one caller's windows at a time: only the static decoder shares batches.
         self.shared_batches: SharedBatches[_Row, Attempt] | None = (
-            SharedBatches(_StaticRows(self.static, self._device_lock, new_stream(self.device)), SHARED_BATCH_ROWS)
+            SharedBatches(_StaticRows(self.static, new_stream(self.device)), SHARED_BATCH_ROWS)
             if self.static is not None else None)
         self.log_mel = LogMel(self.processor.feature_extractor.mel_filters, self.device)
         if self.device != "cpu":
@@ -322,11 +317,13 @@ class _PassStream:
 
 
 class _StaticRows:
-    """The static-cache decoder as a `RowDecoder` of passes: one device call at a time, queued on
-    the decoder's own stream (see streams)."""
+    """The static-cache decoder as a `RowDecoder` of passes, queued on the decoder's own stream (see
+    streams). Only SharedBatches' decoding thread calls it. The graphs are captured before the first
+    job (warm_up), in thread-local capture mode, so other threads' device work (features, language,
+    the speech scan) runs beside it."""
 
-    def __init__(self, static: StaticCacheDecoder, device_lock: threading.RLock, stream: Any) -> None:
-        self._static, self._lock, self._stream = static, device_lock, stream
+    def __init__(self, static: StaticCacheDecoder, stream: Any) -> None:
+        self._static, self._stream = static, stream
 
     @property
     def room(self) -> int:
@@ -337,7 +334,7 @@ class _StaticRows:
         return self._static.occupied
 
     def admit(self, rows: Sequence[_Row], tags: Sequence[object]) -> None:
-        with self._lock, on_stream(self._stream):
+        with on_stream(self._stream):
             if self._stream is not None:
                 for row in rows:  # made on the caller's stream: not to be reused while read here
                     row.features.record_stream(self._stream)
@@ -346,12 +343,12 @@ class _StaticRows:
                                seeds=[row.seed for row in rows])
 
     def advance(self) -> list[tuple[object, Attempt]]:
-        with self._lock, on_stream(self._stream):
+        with on_stream(self._stream):
             return self._static.advance()
 
-    def drop(self) -> list[object]:
-        with self._lock, on_stream(self._stream):
-            return self._static.drop()
+    def drop(self) -> None:
+        with on_stream(self._stream):
+            self._static.drop()
 
 
 @dataclass(frozen=True, slots=True)

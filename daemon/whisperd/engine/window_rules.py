@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -130,23 +130,6 @@ class PassQueue(Protocol):
     def submit(self, passes: Sequence[Pass]) -> None: ...
 
     def completed(self) -> Iterator[tuple[Pass, Attempt]]: ...
-
-
-class Waves:
-    """A `PassQueue` over a function that decodes a list of passes at once: everything pending
-    goes in one call, then everything those passes led to, and so on."""
-
-    def __init__(self, run: Callable[[list[Pass]], list[Attempt]]) -> None:
-        self._run = run
-        self._pending: list[Pass] = []
-
-    def submit(self, passes: Sequence[Pass]) -> None:
-        self._pending.extend(passes)
-
-    def completed(self) -> Iterator[tuple[Pass, Attempt]]:
-        while self._pending:
-            wave, self._pending = self._pending, []
-            yield from zip(wave, self._run(wave))
 
 
 def decode_passes(count: int, passes: PassQueue, temperatures: Sequence[float], thresholds: Thresholds,

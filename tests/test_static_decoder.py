@@ -235,6 +235,33 @@ def test_shared_batches_start_when_every_member_has_rows_and_route_results() -> 
     assert decoder.admitted == [([1, 2, 3, 4, 5, 6], 0)]
 
 
+def test_a_batch_from_idle_does_not_wait_for_a_member_standing_by() -> None:
+    """A transcription waiting for its turn to scan holds no batch back: the two with rows start
+    one, and the third's rows come in a later admission."""
+    decoder = Countdown(100)
+    batches: SharedBatches[int, int] = SharedBatches(decoder, 100)
+    results: dict[int, list[int]] = {}
+    entered, turn = threading.Barrier(3), threading.Event()
+
+    def member(first: int) -> None:
+        with batches.member():
+            entered.wait()
+            if first == 4:
+                with batches.standing_by():
+                    assert turn.wait(10)  # until the others' rows are back
+            results[first] = batches.decode([first + 1, first + 2])
+            if first == 2:
+                turn.set()
+
+    threads = [threading.Thread(target=member, args=(n,)) for n in (0, 2, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {0: [10, 20], 2: [30, 40], 4: [50, 60]}
+    assert [sorted(rows) for rows, _ in decoder.admitted] == [[1, 2, 3, 4], [5, 6]]
+
+
 def test_a_row_joins_the_batch_in_flight_and_comes_back_before_a_longer_one() -> None:
     """Continuous batching: a short row's follow-up does not wait for the long row beside it."""
     decoder = Countdown(4, advance_seconds=0.02)  # the long row takes a second
@@ -347,3 +374,26 @@ def test_rows_in_flight_are_capped_by_free_device_memory(engine_fp32: Engine, mo
         monkeypatch.setattr(static_decoder, "_free_memory", lambda device, free=free_bytes: free)
         decoder = static_decoder.StaticCacheDecoder(engine_fp32.backend.model, static.rules, max_batch=128)
         assert decoder.max_batch == rows
+
+
+def test_an_admission_loads_its_rows_in_power_of_two_groups(engine_fp32: Engine, clip: Callable[[str], DevClip],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seven windows admitted at once load as groups of 4, 2 and 1 (the sizes a GPU captures) and
+    decode as they do loaded in one group."""
+    from whisperd.engine.static_decoder import _power_of_two_groups
+
+    assert _power_of_two_groups(45, 32) == [32, 8, 4, 1]
+    assert _power_of_two_groups(64, 32) == [32, 32] and _power_of_two_groups(0, 32) == []
+    backend = engine_fp32.backend
+    static, prefix = backend.static, backend._prefix("en", DecodeOptions(language="en"))
+    audio = decode_audio(clip("en_goforward").path)
+    windows = [audio[16000 * i:16000 * (i + 6)] for i in range(7)]
+    features = backend.log_mel(windows).to(backend.feature_dtype)
+    whole = [a.tokens for a in static.decode(features, [prefix] * 7, [0.0] * 7, fixed_tokens=12)]
+    groups: list[int] = []
+    load_group = static._load_group
+    monkeypatch.setattr(static, "LOAD_GROUP", 4)
+    monkeypatch.setattr(static, "_load_group", lambda f, i, fl: (groups.append(f.shape[0]), load_group(f, i, fl)))
+    grouped = [a.tokens for a in static.decode(features, [prefix] * 7, [0.0] * 7, fixed_tokens=12)]
+    assert groups == [4, 2, 1]
+    assert grouped == whole and len(set(whole)) > 1

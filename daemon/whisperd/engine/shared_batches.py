@@ -7,9 +7,9 @@ waiting rows into free slots, moves the batch a few tokens, and hands back each 
 finishes, so a continuation or a fallback of one window joins the batch beside the others'
 windows instead of waiting for the whole batch to end (continuous batching).
 
-From idle, a batch starts as soon as every transcription in progress has rows waiting, or enough
-rows wait to fill a batch, so a backlog starts with full batches without a timer and a single
-file is never held back.
+From idle, a batch starts as soon as every transcription in progress has rows waiting (or waits
+for its turn to scan its file), or enough rows wait to fill a batch, so a backlog starts with full
+batches without a timer and a single file is never held back.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class _Member:
 
     def __init__(self) -> None:
         self.outstanding = 0
+        self.standing_by = False  # waiting for something other than its rows (its turn to scan)
 
 
 @dataclass(eq=False)
@@ -138,6 +139,23 @@ class SharedBatches(Generic[Row, Result]):
                 self._members.discard(member)
                 self._lock.notify_all()
 
+    @contextmanager
+    def standing_by(self) -> Iterator[None]:
+        """Around a wait of the calling transcription's that is not for rows (its turn to scan the
+        file): meanwhile a batch starting from idle does not wait for it."""
+        member = getattr(self._local, "member", None)
+        if member is None:
+            yield
+            return
+        with self._lock:
+            member.standing_by = True
+            self._lock.notify_all()
+        try:
+            yield
+        finally:
+            with self._lock:
+                member.standing_by = False
+
     def stream(self) -> RowStream[Row, Result]:
         return RowStream(self)
 
@@ -167,8 +185,8 @@ class SharedBatches(Generic[Row, Result]):
 
     def _ready_from_idle(self) -> bool:
         """Start a batch when no transcription is still preparing rows, or a batch's worth waits."""
-        idle_members = sum(1 for m in self._members if m.outstanding == 0)
-        return bool(self._waiting) and (idle_members == 0 or len(self._waiting) >= self._batch_rows)
+        preparing = sum(1 for m in self._members if m.outstanding == 0 and not m.standing_by)
+        return bool(self._waiting) and (preparing == 0 or len(self._waiting) >= self._batch_rows)
 
     def _run(self) -> None:
         while True:

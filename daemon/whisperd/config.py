@@ -78,7 +78,7 @@ class JobConfig(_Strict):
     timeout_base_seconds: float = Field(120.0, gt=0)
     timeout_per_audio_second: float = Field(2.0, gt=0, description="per-job timeout = base + this x audio length")
     at_once: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
-        "auto", description="jobs in the worker at once; auto: 8 where their windows share GPU batches, else 1")
+        "auto", description="jobs in the worker at once; auto: 32 where their windows share GPU batches, else 1")
 
     def jobs_at_once(self, engine_suggests: int, engine_shares_batches: bool) -> int:
         """Jobs to run side by side: a number only helps where the engine shares batches across

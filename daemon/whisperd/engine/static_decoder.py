@@ -362,6 +362,7 @@ class StaticCacheDecoder:
         self._views.clear()
         self._graphs.clear()
         self._load_graphs.clear()
+        self._load_pool = None  # released with the last graph that used it: a new one for the next
         return new
 
     def _buffers_for(self, size: int) -> _Buffers:

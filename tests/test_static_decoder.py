@@ -214,6 +214,15 @@ class Countdown:
         self.rows.clear()
 
 
+def in_threads(work: Callable[[int], None], firsts: Sequence[int]) -> None:
+    """work(n) for each n, each in a thread of its own, all side by side; returns when all are done."""
+    threads = [threading.Thread(target=work, args=(n,)) for n in firsts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+
 def test_shared_batches_start_when_every_member_has_rows_and_route_results() -> None:
     decoder = Countdown(100)
     batches: SharedBatches[int, int] = SharedBatches(decoder, 100)
@@ -226,11 +235,7 @@ def test_shared_batches_start_when_every_member_has_rows_and_route_results() -> 
             time.sleep(0.05 * first)  # arrive one after another: the batch waits for the last
             results[first] = batches.decode([first + 1, first + 2])
 
-    threads = [threading.Thread(target=member, args=(n,)) for n in (0, 2, 4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    in_threads(member, (0, 2, 4))
     assert results == {0: [10, 20], 2: [30, 40], 4: [50, 60]}
     assert decoder.admitted == [([1, 2, 3, 4, 5, 6], 0)]
 
@@ -253,11 +258,7 @@ def test_a_batch_from_idle_does_not_wait_for_a_member_standing_by() -> None:
             if first == 2:
                 turn.set()
 
-    threads = [threading.Thread(target=member, args=(n,)) for n in (0, 2, 4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    in_threads(member, (0, 2, 4))
     assert results == {0: [10, 20], 2: [30, 40], 4: [50, 60]}
     assert [sorted(rows) for rows, _ in decoder.admitted] == [[1, 2, 3, 4], [5, 6]]
 

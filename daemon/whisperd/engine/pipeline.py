@@ -104,8 +104,8 @@ class WindowedEngine:
         self.backend = backend
         self.settings = settings
         self.device = device
-        # On CUDA the speech scan runs on the GPU too; elsewhere Silero's ONNX model on the CPU.
         self._scan_slots = threading.BoundedSemaphore(SCANS_AT_ONCE)
+        # On CUDA the speech scan runs on the GPU too; elsewhere Silero's ONNX model on the CPU.
         self.detector = detector or SpeechDetector(threads=settings.threads,
                                                    device=device if device.startswith("cuda") else "cpu")
         self.detector.warm_up()

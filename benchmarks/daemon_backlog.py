@@ -86,6 +86,11 @@ def run_daemon(at_once: str, sources: list[Path], args: argparse.Namespace, root
                 if '"inbox scan done"' not in line][-40:], sep="\n", file=sys.stderr)
     done = [r for r in rows if r["state"] == "done"]
     wall = max(r["finished_at"] for r in done) - min(r["started_at"] for r in done) if done else float("nan")
+    # When the last job started and the first one ended, from the first start: claiming and
+    # starting jobs one by one shows in the first, a batch that drains unevenly in the second.
+    first = min((r["started_at"] for r in done), default=float("nan"))
+    last_start = max((r["started_at"] for r in done), default=float("nan")) - first
+    first_end = min((r["finished_at"] for r in done), default=float("nan")) - first
     audio = sum(r["audio_seconds"] or 0.0 for r in done)
     references = {p: Meeting.load(p).reference for p in set(copies.values())}
     done_paths = [Path(os.fsdecode(r["path"])) for r in done]
@@ -98,6 +103,7 @@ def run_daemon(at_once: str, sources: list[Path], args: argparse.Namespace, root
         "wall_seconds": wall, "rtf": audio / wall if done else None, "wer": wer,
         "most_in_worker": max((e.get("in_worker", 1) for e in events if e.get("event") == "job started"), default=0),
         "worker_peak_rss_mb": peak_rss / 2**20, "decoder": ready.get("decoder"),
+        "last_start_s": last_start, "first_end_s": first_end,
     }
 
 
@@ -141,7 +147,8 @@ def main() -> int:
               f" {result['done']}/{result['files']} done, {result['audio_seconds']:.0f} s of audio in"
               f" {result['wall_seconds']:.2f} s = {result['rtf'] or 0:.0f}x real time, at most"
               f" {result['most_in_worker']} in the worker, WER {result['wer'] or float('nan'):.3f},"
-              f" worker peak RSS {result['worker_peak_rss_mb']:.0f} MB"
+              f" worker peak RSS {result['worker_peak_rss_mb']:.0f} MB; the last job started"
+              f" {result['last_start_s']:.2f} s after the first, the first ended at {result['first_end_s']:.2f} s"
               + (f", failed: {result['failed']}" if result["failed"] else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -321,6 +321,30 @@ def test_several_recordings_share_batches_and_keep_their_own_transcripts(
     assert counters.most_rows_at_once == 2
 
 
+def test_recordings_side_by_side_take_turns_to_scan(
+        engine_fp32: Engine, clip: Callable[[str], DevClip], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one turn to scan, files transcribed side by side scan one after another (a file
+    waiting for its turn holds no batch back) and keep the transcripts they have alone."""
+    paths = [clip("en_goforward").path, clip("zh_aishell1_BAC009S0764W0121").path, clip("en_goforward").path]
+    alone = [engine_fp32.transcribe_path(path, DecodeOptions()).text for path in paths]
+    monkeypatch.setattr(engine_fp32, "_scan_slots", threading.BoundedSemaphore(1))
+    scanning, most_at_once = [0], [0]
+    scan = engine_fp32._scan
+
+    def counted_scan(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the engine's own scan, counted
+        scanning[0] += 1
+        most_at_once[0] = max(most_at_once[0], scanning[0])
+        try:
+            return scan(*args, **kwargs)
+        finally:
+            scanning[0] -= 1
+
+    monkeypatch.setattr(engine_fp32, "_scan", counted_scan)
+    together = list(engine_fp32.transcribe_many(paths, DecodeOptions(), at_once=3))
+    assert [t.text for t in together] == alone
+    assert most_at_once[0] == 1
+
+
 def test_rows_admitted_into_a_batch_in_flight_decode_as_they_do_alone(
         engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
     """Each row has its own position: one that joins late, one that moves to another bucket and

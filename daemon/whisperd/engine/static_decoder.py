@@ -4,8 +4,9 @@ transformers' `generate()` spends most of a step in Python: the decoder's kernel
 by one and the timestamp rules loop over the batch on the host. On a GPU that bounds whisper-base
 at a few hundred times real time whatever the batch. Here:
 
-- the encoder runs once per batch, and each layer's cross-attention keys and values are computed
-  once per window;
+- the encoder runs once per admission of windows, and each layer's cross-attention keys and values
+  are computed once per window; on CUDA an admission is a graph too, per group of 1, 2, 4 ... 32
+  windows;
 - self-attention keys and values go into a cache allocated once for the longest sequence (448
   tokens), so every step has the same shapes;
 - one step (embedding, all layers, logits, Whisper's token rules, greedy or sampled choice, the

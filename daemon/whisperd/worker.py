@@ -10,6 +10,7 @@ a time to one that does not). Replies and progress are sent whole, one at a time
 from __future__ import annotations
 
 import ctypes
+import importlib
 import math
 import os
 import signal
@@ -126,6 +127,10 @@ def worker_main(conn: Connection, settings: EngineSettings, log_format: str, log
     except Exception as exc:
         conn.send(Fatal(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5)))
         return
+    # The job path's modules now, not in the first job: the daemon sends jobs together, and each
+    # job's thread would wait for the import lock while the first one imports them.
+    importlib.import_module("whisperd.transcribe_file")
+
     conn.send(Ready(pid=os.getpid(), load_seconds=time.perf_counter() - started, engine=engine.describe()))
     serve_jobs(conn, engine)
 

@@ -85,10 +85,10 @@ def run_daemon(at_once: str, sources: list[Path], args: argparse.Namespace, root
               *[line for line in log_path.read_text(errors="replace").splitlines()
                 if '"inbox scan done"' not in line][-40:], sep="\n", file=sys.stderr)
     done = [r for r in rows if r["state"] == "done"]
-    wall = max(r["finished_at"] for r in done) - min(r["started_at"] for r in done) if done else float("nan")
+    first = min((r["started_at"] for r in done), default=float("nan"))
+    wall = max((r["finished_at"] for r in done), default=float("nan")) - first
     # When the last job started and the first one ended, from the first start: claiming and
     # starting jobs one by one shows in the first, a batch that drains unevenly in the second.
-    first = min((r["started_at"] for r in done), default=float("nan"))
     last_start = max((r["started_at"] for r in done), default=float("nan")) - first
     first_end = min((r["finished_at"] for r in done), default=float("nan")) - first
     audio = sum(r["audio_seconds"] or 0.0 for r in done)

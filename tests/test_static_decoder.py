@@ -327,6 +327,8 @@ def test_recordings_side_by_side_take_turns_to_scan(
     waiting for its turn holds no batch back) and keep the transcripts they have alone."""
     paths = [clip("en_goforward").path, clip("zh_aishell1_BAC009S0764W0121").path, clip("en_goforward").path]
     alone = [engine_fp32.transcribe_path(path, DecodeOptions()).text for path in paths]
+    # The real engine and scan throughout: the bound is narrowed to one turn (on two cores it is
+    # two), and the scan is wrapped to count how many run at once.
     monkeypatch.setattr(engine_fp32, "_scan_slots", threading.BoundedSemaphore(1))
     scanning, most_at_once = [0], [0]
     scan = engine_fp32._scan
@@ -415,6 +417,8 @@ def test_an_admission_loads_its_rows_in_power_of_two_groups(engine_fp32: Engine,
     windows = [audio[16000 * i:16000 * (i + 6)] for i in range(7)]
     features = backend.log_mel(windows).to(backend.feature_dtype)
     whole = [a.tokens for a in static.decode(features, [prefix] * 7, [0.0] * 7, fixed_tokens=12)]
+    # The real loads throughout: the largest group is narrowed so that 7 windows split on the CPU,
+    # and each load is wrapped to record its size (the graphs themselves need CUDA).
     groups: list[int] = []
     load_group = static._load_group
     monkeypatch.setattr(static, "LOAD_GROUP", 4)

@@ -26,7 +26,7 @@ torch layers run through the same code; only CUDA gets graphs (`use_graphs`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -432,21 +432,13 @@ class StaticCacheDecoder:
         captured = self._load_graphs.get(size)
         if captured is None:
             inputs = (features.clone(), ints.clone(), floats.clone())
-            # Loading the same rows again writes the same values, so the runs before the capture
-            # (kernels chosen outside it) load these rows for real and the capture changes nothing.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._load_rows(storage, *inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
             if self._load_pool is None:
                 self._load_pool = torch.cuda.graph_pool_handle()
-            # One memory pool for every group size: the graphs only run one at a time, on one stream,
-            # and keep nothing between runs (everything they write is in the storage).
-            with torch.cuda.graph(graph, pool=self._load_pool, capture_error_mode="thread_local"):
-                self._load_rows(storage, *inputs)
+            # Loading the same rows again writes the same values, so the runs before the capture
+            # load these rows for real and the capture changes nothing. One memory pool serves every
+            # group size: the graphs only run one at a time, on one stream, and keep nothing between
+            # runs (everything they write is in the storage).
+            graph = _capture(lambda: self._load_rows(storage, *inputs), runs_before=2, pool=self._load_pool)
             self._load_graphs[size] = captured = (graph, inputs)
             log.debug("decoder admission captured", extra={"rows": size})
         graph, inputs = captured
@@ -495,15 +487,7 @@ class StaticCacheDecoder:
         size = buf.batch
         if size not in self._graphs:
             state = {name: t.clone() for name, t in buf.step_state().items()}
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # let the kernels be chosen outside the capture
-                    self._step(buf)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
-                self._step(buf)
+            graph = _capture(lambda: self._step(buf), runs_before=3)
             for name, t in state.items():  # the warm-up and the capture moved the state on
                 getattr(buf, name).copy_(t)
             self._graphs[size] = graph
@@ -610,6 +594,21 @@ def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     h = (h * _MIX) & _MASK32
     h = h ^ (h >> 16)
     return ((h >> 8).float() + 0.5) / 2.0**24  # 24 bits: exact in float32 (Intel GPUs may lack float64)
+
+
+def _capture(run: Callable[[], None], runs_before: int, pool: object | None = None) -> torch.cuda.CUDAGraph:
+    """`run` captured as a CUDA graph, after `runs_before` runs on a side stream that let the
+    kernels be chosen outside the capture. Thread-local capture: other threads may use the GPU."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(runs_before):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        run()
+    return graph
 
 
 def _power_of_two_groups(rows: int, largest: int) -> list[int]:

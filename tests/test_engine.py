@@ -187,5 +187,5 @@ def test_repeated_segments_are_dropped() -> None:
 
     segments = [Segment(0, 2, "Thanks for watching!"), Segment(2, 4, "thanks for watching"),
                 Segment(4, 6, "Thanks for watching!"), Segment(6, 8, "Bye.")]
-    assert [s.text for s in clean_segments(segments, 10.0, drop_repeats=True)] == ["Thanks for watching!", "Bye."]
-    assert len(clean_segments(segments, 10.0, drop_repeats=False)) == 4
+    assert [s.text for s in clean_segments(segments, 10.0, drop_repeats=True)[0]] == ["Thanks for watching!", "Bye."]
+    assert len(clean_segments(segments, 10.0, drop_repeats=False)[0]) == 4

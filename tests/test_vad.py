@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisperd.engine.pipeline import covered_intervals, repeats_text, text_over, uncovered_speech
+from whisperd.engine.pipeline import covered_intervals, uncovered_speech
 from whisperd_support.evaluation.meeting import build_meeting
 from whisperd.transcript import Segment, Word
 from whisperd.vad import (
@@ -125,14 +125,3 @@ def test_wide_characters_count_as_slower_speech() -> None:
     chinese = Segment(0.0, 8.0, "甚至出现交易几乎停止的情况")  # 13 characters say ~3 s of speech
     window = Window(0, 10 * S, (Span(0, 8 * S),))
     assert covered_intervals([chinese], window.spans) == [(0.0, 8.0)]
-
-
-def test_a_re_decoded_stretch_that_repeats_the_text_over_it_is_dropped() -> None:
-    written = "He might even have been made amiable himself."
-    assert repeats_text("he might even have been made amiable", written)
-    assert repeats_text("Even have been made amiable himself!", written)
-    assert not repeats_text("This is the acoustic corpus, I'm talking pretty fast here.", written)
-    assert not repeats_text("anything", "")
-    hole = Window(6 * S, 25 * S, (Span(6 * S, 25 * S),))
-    placed = [Segment(0.0, 24.0, written), Segment(26.0, 28.0, "After.")]
-    assert text_over(placed, hole) == written

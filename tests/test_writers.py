@@ -120,7 +120,9 @@ def test_txt_joins_cjk_without_spaces_and_empty_is_empty() -> None:
 def test_json_round_trips_with_language_settings_and_rounded_times() -> None:
     transcript = meeting()
     data = json.loads(render_json(transcript))
-    assert list(data) == ["language", "language_probability", "duration", "task", "text", "segments", "settings"]
+    assert list(data) == ["language", "language_probability", "duration", "task", "text", "segments", "settings",
+                          "repairs"]
+    assert data["repairs"] == {"loops_collapsed": 0, "repeats_dropped": 0, "times_repaired": 0}
     assert data["language"] == "en"
     assert data["language_probability"] == 0.9877
     assert data["task"] == "transcribe"

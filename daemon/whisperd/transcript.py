@@ -35,6 +35,18 @@ class Segment:
     no_speech_prob: float | None = None
     compression_ratio: float | None = None
     speaker: str | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Repairs:
+    """How often the engine's guards (whisperd.engine.guards) mended one transcript: phrases
+    looped over and over, cut to one copy; text at a seam that repeated the text before it, dropped;
+    segments given the time their words take. All zero for a clean decode."""
+
+    loops_collapsed: int = 0
+    repeats_dropped: int = 0
+    times_repaired: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +59,7 @@ class Transcript:
     task: str = "transcribe"
     language_probability: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    repairs: Repairs = Repairs()
 
     @property
     def text(self) -> str:

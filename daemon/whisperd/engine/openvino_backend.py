@@ -7,8 +7,12 @@ a second and running needs only openvino, openvino-genai and openvino-tokenizers
 
 What the pipeline does not have, and how whisperd deals with it:
 - No VAD, temperature fallback, no-speech, logprob or compression-ratio gates; per-token scores are
-  always 1.0. The WindowedEngine feeds it VAD windows of <= 30 s and drops repeated segments; the
-  gates in DecodeOptions are not applied by this backend (temperatures[0] is used, no fallback).
+  always 1.0. The WindowedEngine feeds it VAD windows of <= 30 s. The compression-ratio gate is
+  computed here from each window's text (as OpenAI's Whisper computes it) and a window that fails
+  it is decoded again at the next temperature, sampled with a seed of its own; when every
+  temperature fails, the attempt that compresses least is kept (and the engine's loop guard cuts
+  what is left of the loop). There is no log-probability or no-speech gate: the pipeline reports
+  no scores, and scoring the tokens again would cost a second encoder pass per window.
 - `condition_on_previous_text` cannot be switched: with VAD off, `decode_long_form` hands the whole
   file to the pipeline, which walks it in 30 s steps by its own rules.
 - Language detection is not exposed with a probability. `detect_language` runs the exported encoder
@@ -34,8 +38,10 @@ import os
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,7 @@ import numpy as np
 
 from whisperd.devices import OpenVINOPlan
 from whisperd.engine.features import log_mel_spectrogram
+from whisperd.engine.guards import text_compression_ratio
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Segment, Word
 
@@ -199,7 +206,7 @@ class OpenVINOBackend:
         """One generate() per window (a pipeline takes one input at a time), on `streams` pipelines side
         by side; times relative to each window."""
         def decode(window: np.ndarray) -> list[Segment]:
-            return self._generate(window, language, options) if len(window) else []
+            return self._generate(window, language, options, fallback=True) if len(window) else []
 
         if self._executor is None or len(windows) < 2:
             return [decode(window) for window in windows]
@@ -211,13 +218,30 @@ class OpenVINOBackend:
             return []
         return self._generate(audio, language, options)
 
-    def _generate(self, audio: np.ndarray, language: str, options: DecodeOptions) -> list[Segment]:
+    def _generate(self, audio: np.ndarray, language: str, options: DecodeOptions,
+                  fallback: bool = False) -> list[Segment]:
+        """Decode at the first temperature; with `fallback` (a window of <= 30 s), again at the next
+        one while the text fails the compression-ratio gate. The whole file (long form) is decoded
+        once: the pipeline walks it by its own rules, and one ratio over many windows means little."""
         samples = np.ascontiguousarray(audio, dtype=np.float32)
         duration = len(samples) / SAMPLING_RATE
+        temperatures = options.temperatures if fallback and options.temperatures else options.temperatures[:1] or (0.0,)
+        threshold = options.compression_ratio_threshold
+        best: tuple[float, Any, float] | None = None
         with self._pool_for(options).borrow() as pipeline:
-            config = self._generation_config(pipeline, language, options)
-            result = pipeline.generate(samples, config)
-        return self._segments(result, duration, options.word_timestamps)
+            for attempt, temperature in enumerate(temperatures):
+                config = self._generation_config(pipeline, language, options, temperature,
+                                                 seed=_window_seed(samples, attempt))
+                result = pipeline.generate(samples, config)
+                ratio = text_compression_ratio(" ".join(t.strip() for t in result.texts))
+                if best is None or ratio < best[0]:
+                    best = (ratio, result, temperature)
+                if threshold is None or ratio <= threshold:
+                    break
+        assert best is not None
+        _, result, temperature = best
+        return [replace(seg, temperature=temperature)
+                for seg in self._segments(result, duration, options.word_timestamps)]
 
     def _new_pipeline(self, **options: Any) -> Any:
         return self._genai.WhisperPipeline(str(self.ir_dir), self.device, **options, **self.properties)
@@ -233,7 +257,8 @@ class OpenVINOBackend:
                          extra={"seconds": round(time.perf_counter() - started, 2)})
         return self._word_pool
 
-    def _generation_config(self, pipeline: Any, language: str, options: DecodeOptions) -> Any:
+    def _generation_config(self, pipeline: Any, language: str, options: DecodeOptions, temperature: float,
+                           seed: int) -> Any:
         config = pipeline.get_generation_config()  # a copy: changing it does not touch the pipeline's
         config.return_timestamps = True
         config.word_timestamps = bool(options.word_timestamps)
@@ -242,13 +267,14 @@ class OpenVINOBackend:
             config.task = options.task
         config.num_beams = max(1, int(options.beam_size))
         config.initial_prompt = options.initial_prompt or None
-        temperature = float(options.temperatures[0]) if options.temperatures else 0.0
         if temperature > 0.0:
+            config.num_beams = 1
             config.do_sample = True
-            config.temperature = temperature
-        if len(options.temperatures) > 1 or options.logprob_threshold is not None:
-            self._warn_once("gates", "the openvino backend has no temperature fallback and no logprob, "
-                            "no-speech or compression-ratio gates: decoding once at temperature %s", temperature)
+            config.temperature = float(temperature)
+            config.rng_seed = seed
+        if options.logprob_threshold is not None or options.no_speech_threshold is not None:
+            self._warn_once("gates", "the openvino backend has no log-probability or no-speech gate (the "
+                            "pipeline reports no scores); windows fall back on the compression-ratio gate only")
         return config
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
@@ -276,6 +302,11 @@ class OpenVINOBackend:
                 words[index].append(Word(start=float(timing.start_ts), end=float(timing.end_ts),
                                          text=timing.word.strip()))
         return [Segment(start=s, end=e, text=t, words=tuple(w)) for (s, e, t), w in zip(spans, words)]
+
+
+def _window_seed(samples: np.ndarray, attempt: int) -> int:
+    """The seed of a sampled attempt: the same window gives the same transcript on every run."""
+    return zlib.crc32(samples[:SAMPLING_RATE].tobytes() + attempt.to_bytes(2, "little"))
 
 
 def _chunk_index(spans: list[tuple[float, float, str]], start: float) -> int:

@@ -7,27 +7,26 @@ decides what reaches the model and what comes back out lives here, once, for eve
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 import os
-import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from whisperd.audio import AudioDecodeError, decode_audio, probe_duration, stream_audio
+from whisperd.engine.guards import (collapse_segment_loops, comparable, drop_repeats, give_time, spoken_length,
+                                    text_compression_ratio)
 from whisperd.engine.shared_batches import SharedBatches
 from whisperd.engine.streams import new_stream, on_stream
 from whisperd.errors import WhisperdError
 from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
-from whisperd.transcript import Segment, Transcript
+from whisperd.transcript import Repairs, Segment, Transcript
 from whisperd.vad import (BLOCK_ALIGN, BLOCK_SAMPLES, SAMPLING_RATE, Span, SpeechDetector, SpeechScan, Window,
                           plan_windows)
 
@@ -258,24 +257,28 @@ class WindowedEngine:
         language, probability = self._choose_language(first, options.language)
         self._check_task(language, options.task)
         started = time.perf_counter()
+        repeats = 0
         if long_form is None:
-            segments = self._decode_windows(windows, itertools.chain([first], pieces), language, options,
-                                            lambda position, done: report(Progress(position, duration, done)))
+            segments, repeats = self._decode_windows(
+                windows, itertools.chain([first], pieces), language, options,
+                lambda position, done: report(Progress(position, duration, done)))
         else:
             for _ in pieces:  # the embedder still sees every window
                 pass
             segments = self.backend.decode_long_form(long_form, language, options)
         timings["decode_seconds"] = time.perf_counter() - started
-        segments = clean_segments(segments, duration, options.drop_repeated_segments)
+        segments, repairs = clean_segments(segments, duration, options.drop_repeated_segments,
+                                           options.compression_ratio_threshold)
+        repairs = Repairs(repairs.loops_collapsed, repairs.repeats_dropped + repeats, repairs.times_repaired)
         if embedder is not None:
             started = time.perf_counter()
             segments = label_with(embedder, segments, options.speakers)
             timings["speakers_seconds"] = time.perf_counter() - started
         report(Progress(duration, duration))
-        return self._transcript(language, probability, segments, duration, options, timings)
+        return self._transcript(language, probability, segments, duration, options, timings, repairs)
 
     def _transcript(self, language: str, probability: float | None, segments: list[Segment], duration: float,
-                    options: DecodeOptions, timings: dict[str, float]) -> Transcript:
+                    options: DecodeOptions, timings: dict[str, float], repairs: Repairs = Repairs()) -> Transcript:
         settings = {
             **self.describe(),
             "language": options.language,
@@ -291,7 +294,7 @@ class WindowedEngine:
             **{k: round(v, 3) for k, v in timings.items()},
         }
         return Transcript(language=language, language_probability=probability, segments=tuple(segments),
-                          duration=duration, task=options.task, settings=settings)
+                          duration=duration, task=options.task, settings=settings, repairs=repairs)
 
     def _windows(self, audio: np.ndarray, options: DecodeOptions) -> list[Window]:
         if len(audio) == 0:
@@ -321,7 +324,7 @@ class WindowedEngine:
     def _decode_windows(self, windows: list[Window], pieces: Iterable[np.ndarray], language: str,
                         options: DecodeOptions,
                         decoded_up_to: Callable[[float, tuple[Segment, ...]], None] = lambda *_: None,
-                        ) -> list[Segment]:
+                        ) -> tuple[list[Segment], int]:
         """Decode in batches; speech that a window's text skipped is decoded again on its own.
 
         Whisper sometimes ends a window after its first sentence, or jumps from the first sentence
@@ -329,11 +332,17 @@ class WindowedEngine:
         VAD speech with no words on it (see `uncovered_speech`). A batch's holes are decoded right
         after it, from its windows' samples, so that only one batch of audio is ever held. Then
         `decoded_up_to` hears the end of the batch's last window and the batch's segments.
+
+        Text at a seam - a stretch decoded again, and each window's first segment - loses what
+        repeats the text before it (guards.drop_repeats): a stretch that looked skipped because
+        its timestamps collapsed gives back the passage already written. Returns the segments in
+        time order and how many seams repeated.
         """
         size = self.settings.batch_size
         # Sorted at the end by start, then by how deep the hole, then by window: the order does
-        # not depend on when a hole was decoded.
-        out: list[tuple[tuple[float, int, int], Segment]] = []
+        # not depend on when a hole was decoded. The flag marks a window's first segment.
+        out: list[tuple[tuple[float, int, int], Segment, bool]] = []
+        repeats = 0
         todo = zip(windows, pieces)
         while batch := list(itertools.islice(todo, size)):
             batch_start = len(out)
@@ -342,16 +351,20 @@ class WindowedEngine:
                 jobs, pending = pending[:size], pending[size:]
                 decoded = self.backend.decode_windows([job.samples for job in jobs], language, options)
                 for job, segments in zip(jobs, decoded):
-                    placed = [seg for seg in place_in_window(segments, job.window)
-                              if not repeats_text(seg.text, job.written)]
-                    out.extend(((seg.start, job.retries, job.window.start), seg) for seg in placed)
+                    placed = place_in_window(segments, job.window)
+                    if job.retries:
+                        placed, dropped = drop_repeats(placed, [True] * len(placed), before=job.written)
+                        repeats += dropped
+                    out.extend(((seg.start, job.retries, job.window.start), seg, not job.retries and i == 0)
+                               for i, seg in enumerate(placed))
                     if job.retries < MAX_RESUMES_PER_WINDOW:
-                        pending.extend(job.hole(hole, text_over(placed, hole))
-                                       for hole in uncovered_speech(job.window, placed))
+                        written = " ".join([job.written, *(seg.text for seg in placed)]).strip()
+                        pending.extend(job.hole(hole, written) for hole in uncovered_speech(job.window, placed))
             done = sorted(out[batch_start:], key=lambda item: item[0])
-            decoded_up_to(batch[-1][0].end / SAMPLING_RATE, tuple(seg for _, seg in done))
+            decoded_up_to(batch[-1][0].end / SAMPLING_RATE, tuple(seg for _, seg, _ in done))
         out.sort(key=lambda item: item[0])
-        return [seg for _, seg in out]
+        segments, dropped = drop_repeats([seg for _, seg, _ in out], [first for _, _, first in out])
+        return segments, repeats + dropped
 
 
 def speaker_embedder(speakers: str) -> Any:
@@ -385,7 +398,7 @@ def label_with(embedder: Any, segments: list[Segment], speakers: str) -> list[Se
 @dataclass(frozen=True, slots=True)
 class _Job:
     """A window to decode, with its samples, how many times it was carved out of another, and the
-    text already written over it (which its own text must not repeat)."""
+    text already written over the window it was carved from (which its own text must not repeat)."""
 
     window: Window
     samples: np.ndarray
@@ -478,34 +491,9 @@ def covered_intervals(placed: list[Segment], spans: Sequence[Span] = ()) -> list
     return merged
 
 
-def spoken_length(text: str) -> float:
-    """Characters, a wide (CJK) character counted as 3: roughly proportional to the time to say it."""
-    return sum(3.0 if unicodedata.east_asian_width(ch) in "WF" else 1.0 for ch in text if not ch.isspace())
-
-
 def speech_seconds(spans: Sequence[Span], start: float, end: float) -> float:
     a, b = int(start * SAMPLING_RATE), int(end * SAMPLING_RATE)
     return sum(max(0, min(sp.end, b) - max(sp.start, a)) for sp in spans) / SAMPLING_RATE
-
-
-def text_over(placed: list[Segment], window: Window) -> str:
-    """The text of the segments that overlap `window` (what a re-decode of it must not repeat)."""
-    start, end = window.start / SAMPLING_RATE, window.end / SAMPLING_RATE
-    return " ".join(seg.text for seg in placed if seg.end > start and seg.start < end)
-
-
-REPEAT_FRACTION = 0.8
-
-
-def repeats_text(text: str, written: str) -> bool:
-    """Whether `text` is (nearly) all words already in `written`, in order: a re-decoded stretch that
-    was not skipped after all gives back the sentence that covered it."""
-    words, before = _comparable(text).split(), _comparable(written).split()
-    if not words or not before:
-        return False
-    matcher = difflib.SequenceMatcher(a=before, b=words, autojunk=False)
-    matched = sum(block.size for block in matcher.get_matching_blocks())
-    return matched >= REPEAT_FRACTION * len(words)
 
 
 def uncovered_speech(window: Window, placed: list[Segment]) -> list[Window]:
@@ -547,10 +535,9 @@ def place_in_window(segments: list[Segment], window: Window) -> list[Segment]:
     placed = []
     for seg in segments:
         start, end = snap_to_speech(seg.start + offset, min(seg.end + offset, window_end), spans)
-        words = tuple(type(w)(start=min(max(w.start + offset, start), end), end=min(max(w.end + offset, start), end),
-                              text=w.text, probability=w.probability) for w in seg.words)
-        placed.append(Segment(start=start, end=end, text=seg.text, words=words, avg_logprob=seg.avg_logprob,
-                              no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio))
+        words = tuple(replace(w, start=min(max(w.start + offset, start), end), end=min(max(w.end + offset, start), end))
+                      for w in seg.words)
+        placed.append(replace(seg, start=start, end=end, words=words))
     return placed
 
 
@@ -580,26 +567,30 @@ def snap_to_speech(start: float, end: float, spans: list[tuple[float, float]]) -
 ENDS_INTO_NEXT_SPEECH = 0.6  # seconds
 
 
-_NORMALISE = re.compile(r"[\W_]+", re.UNICODE)
+def clean_segments(segments: list[Segment], duration: float, drop_repeats: bool,
+                   compression_threshold: float | None = None) -> tuple[list[Segment], Repairs]:
+    """What reaches the writers: no empty text, no sentence said twice in a row, no loop, times in
+    order inside [0, duration] and long enough to say the words (see guards); and what was mended.
 
-
-def _comparable(text: str) -> str:
-    return _NORMALISE.sub(" ", text.lower()).strip()
-
-
-def clean_segments(segments: list[Segment], duration: float, drop_repeats: bool) -> list[Segment]:
-    """Drop empty and verbatim-repeated segments; keep times ordered and inside [0, duration]."""
-    out: list[Segment] = []
-    last_end = 0.0
+    A segment's compression ratio (of its final text) is kept for the .json. The loop guard uses the
+    compression-ratio gate of the decode, or Whisper's 2.4 where the gate was switched off.
+    """
+    threshold = compression_threshold if compression_threshold is not None else LOOP_GATE
+    kept: list[Segment] = []
+    loops = 0
     for seg in segments:
         text = seg.text.strip()
         if not text:
             continue
-        if drop_repeats and out and _comparable(text) == _comparable(out[-1].text):
+        if drop_repeats and kept and comparable(text) == comparable(kept[-1].text):
             continue  # the classic loop: the same sentence again and again
-        start = min(max(seg.start, last_end, 0.0), duration)
-        end = min(max(seg.end, start), duration)
-        out.append(Segment(start=start, end=end, text=text, words=seg.words, avg_logprob=seg.avg_logprob,
-                           no_speech_prob=seg.no_speech_prob, compression_ratio=seg.compression_ratio))
-        last_end = end
-    return out
+        seg, removed = collapse_segment_loops(replace(seg, text=text), threshold)
+        loops += removed > 0
+        if seg.compression_ratio is None:
+            seg = replace(seg, compression_ratio=text_compression_ratio(seg.text))
+        kept.append(seg)
+    timed, repaired = give_time(kept, duration)
+    return timed, Repairs(loops_collapsed=loops, times_repaired=repaired)
+
+
+LOOP_GATE = 2.4  # Whisper's compression-ratio threshold

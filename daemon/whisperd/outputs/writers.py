@@ -11,6 +11,7 @@ diarization result that was never made.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -113,7 +114,7 @@ def _segment_dict(seg: Segment) -> dict[str, Any]:
              **({"speaker": w.speaker} if w.speaker is not None else {})}
             for w in seg.words
         ]
-    for key in ("avg_logprob", "no_speech_prob", "compression_ratio"):
+    for key in ("avg_logprob", "no_speech_prob", "compression_ratio", "temperature"):
         value = getattr(seg, key)
         if value is not None:
             # JSON has no infinity: -inf log-probability (Whisper's "gave up") is written as null.
@@ -139,6 +140,7 @@ def transcript_dict(transcript: Transcript) -> dict[str, Any]:
         "text": _full_text(transcript.segments),
         "segments": [_segment_dict(seg) for seg in transcript.segments if seg.text.strip()],
         "settings": dict(transcript.settings),
+        "repairs": dataclasses.asdict(transcript.repairs),
     }
 
 

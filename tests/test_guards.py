@@ -49,6 +49,10 @@ def test_a_seam_that_repeats_the_passage_before_it_is_dropped() -> None:
     text, changed = repeated_run("I'm Sheila and Texas originally from Chicago, and I teach school.", before)
     assert changed and text == "and I teach school."
     assert repeated_run("anything", "") == ("anything", False)
+    # A short sentence goes only right after itself (or anywhere in the window a stretch came from).
+    assert repeated_run("We are angry.", "yes, we're angry. We are angry.") == ("", True)
+    assert repeated_run("Yes.", "Yes. We went home then.") == ("Yes.", False)
+    assert repeated_run("Yes.", "Yes. We went home then.", anywhere=True) == ("", True)
 
 
 def test_only_seams_are_compared() -> None:

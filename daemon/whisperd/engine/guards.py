@@ -50,6 +50,7 @@ LONE_WORD_CHARS = 4
 FAST_CHARS_PER_SECOND = 20.0
 
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+_SENTENCE_END = re.compile(r"(?<=[.?!。？！])\s*")
 
 
 def comparable(text: str) -> str:
@@ -143,26 +144,34 @@ def _keyed(text: str) -> tuple[list[str], list[str]]:
     return tokens, [comparable(t) for t in tokens]
 
 
-def repeated_run(text: str, preceding: str) -> tuple[str, bool]:
+def _sentences(text: str) -> list[str]:
+    return [comparable(part) for part in _SENTENCE_END.split(text) if comparable(part)]
+
+
+def repeated_run(text: str, preceding: str, anywhere: bool = False) -> tuple[str, bool]:
     """`text` less what repeats `preceding`, and whether anything was taken out.
 
-    All of it goes when REPEAT_FRACTION of its words are the preceding text's, in order (a
-    re-decoded stretch that gives back the sentence before it); otherwise each run of
-    REPEATED_RUN_WORDS or more words found in the preceding text is cut out.
+    Each run of REPEATED_RUN_WORDS or more words found in the preceding text is cut out, and all of
+    it goes once REPEAT_FRACTION of its words are such runs. Shorter text goes only when it is a
+    sentence the preceding text ends with ("We are angry." again after "... We are angry."), or
+    with `anywhere`, any sentence of it: people say "yes" twice, windows should not.
     """
     tokens, keys = _keyed(text)
     before = comparable(preceding).split()
     if not keys or not before:
         return text, False
+    sentences = _sentences(preceding)
+    if comparable(text) in (sentences if anywhere else sentences[-1:]):
+        return "", True
     # One key may hold two words ("cold-hearted"): compare word by word, remember the token.
     words = [(index, word) for index, key in enumerate(keys) for word in key.split()]
     matcher = difflib.SequenceMatcher(a=before, b=[w for _, w in words], autojunk=False)
-    blocks = [b for b in matcher.get_matching_blocks() if b.size]
-    if sum(b.size for b in blocks) >= REPEAT_FRACTION * len(words):
-        return "", True
-    cut = {words[j][0] for b in blocks if b.size >= REPEATED_RUN_WORDS for j in range(b.b, b.b + b.size)}
-    if not cut:
+    runs = [b for b in matcher.get_matching_blocks() if b.size >= REPEATED_RUN_WORDS]
+    if not runs:
         return text, False
+    if sum(b.size for b in runs) >= REPEAT_FRACTION * len(words):
+        return "", True
+    cut = {words[j][0] for b in runs for j in range(b.b, b.b + b.size)}
     return " ".join(t for index, t in enumerate(tokens) if index not in cut), True
 
 
@@ -180,12 +189,14 @@ def preceding_text(segments: Sequence[Segment], before: str = "", limit: int = P
 
 def drop_repeats(segments: Sequence[Segment], seams: Sequence[bool], before: str = "") -> tuple[list[Segment], int]:
     """Segments in time order, those at a seam (`seams[i]`) less what repeats the text before them
-    (`before`, then the segments kept so far); and how many were cut or dropped."""
+    (`before`, then the segments kept so far); and how many were cut or dropped. A short sentence
+    repeats only the sentence just before it, or with `before` (the text of the window that a
+    stretch was decoded again from) any sentence of that window."""
     out: list[Segment] = []
     dropped = 0
     for seg, seam in zip(segments, seams):
         if seam:
-            text, changed = repeated_run(seg.text, preceding_text(out, before))
+            text, changed = repeated_run(seg.text, preceding_text(out, before), anywhere=bool(before))
             if changed:
                 dropped += 1
                 if not text:

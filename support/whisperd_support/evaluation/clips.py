@@ -84,6 +84,7 @@ class ClipSource:
     member: str  # path inside the archive
     license: str = ""
     notes: str = ""
+    set: str = "dev"  # dev: may choose thresholds; held-out: only checks them
 
     @property
     def local_name(self) -> str:
@@ -119,6 +120,7 @@ def load_manifest() -> list[ClipSource]:
             member=c["path"],
             license=c.get("license", ""),
             notes=c.get("notes", ""),
+            set=c.get("set", "dev"),
         )
         for c in json.loads(text)["clips"]
     ]

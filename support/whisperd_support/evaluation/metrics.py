@@ -12,7 +12,9 @@ with ``start``/``end`` and ``text`` (``whisperd.transcript.Segment``) or ``conte
 from __future__ import annotations
 
 import math
+import re
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -30,6 +32,9 @@ __all__ = [
     "onset_hits",
     "onset_stats",
     "real_time_factor",
+    "repeated_passages",
+    "short_segments",
+    "spoken_loops",
     "words_in_span",
 ]
 
@@ -153,6 +158,62 @@ def words_in_span(items: Iterable[Any], start: float, end: float) -> int:
             else:
                 count += start <= w_start < end
     return count
+
+
+# -- text that was not said ------------------------------------------------------------------
+
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+PASSAGE_WORDS = 6  # a repeated passage: a run of this many words written more often than said
+LOOP_COPIES = 4  # a loop: a phrase written this many times in a row, more often than said
+
+
+def _words(text: str) -> list[str]:
+    return _NON_WORD.sub(" ", text.lower()).split()
+
+
+def repeated_passages(hypothesis: str, reference: str, n: int = PASSAGE_WORDS) -> int:
+    """Runs of ``n`` words the hypothesis writes more often than the reference says them.
+
+    Every extra copy of an ``n``-word run counts once; a copied passage of ``m >= n`` words
+    therefore counts ``m - n + 1`` times, so report it as "0 or not". Text is compared lower
+    case without punctuation; the reference's own repetitions are allowed.
+    """
+    def grams(words: list[str]) -> Counter[tuple[str, ...]]:
+        return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+    said = grams(_words(reference))
+    return sum(max(0, count - max(1, said.get(gram, 0))) for gram, count in grams(_words(hypothesis)).items()
+               if count > 1)
+
+
+def spoken_loops(hypothesis: str, reference: str, copies: int = LOOP_COPIES, longest: int = 12) -> int:
+    """Phrases (1 to ``longest`` words) written ``copies`` or more times in a row where the
+    reference never has that many copies in a row: the hallucination loop."""
+    def runs(words: list[str]) -> dict[tuple[str, ...], int]:
+        found: dict[tuple[str, ...], int] = {}
+        for length in range(1, longest + 1):
+            i = 0
+            while i + length <= len(words):
+                phrase = tuple(words[i:i + length])
+                count = 1
+                while tuple(words[i + count * length:i + (count + 1) * length]) == phrase:
+                    count += 1
+                primitive = not any(length % k == 0 and phrase == phrase[:k] * (length // k) for k in range(1, length))
+                if count >= 2 and primitive:
+                    found[phrase] = max(found.get(phrase, 0), count)
+                    i += count * length
+                else:
+                    i += 1
+        return found
+
+    said = runs(_words(reference))
+    return sum(1 for phrase, count in runs(_words(hypothesis)).items()
+               if count >= copies and count > said.get(phrase, 1))
+
+
+def short_segments(items: Iterable[Any], shorter_than: float = 0.2) -> int:
+    """Timed items (segments, cues) on screen for less than ``shorter_than`` seconds."""
+    return sum(1 for c in map(as_cue, items) if c.end - c.start < shorter_than)
 
 
 # -- subtitle shape -------------------------------------------------------------------------

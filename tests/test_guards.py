@@ -52,6 +52,7 @@ def test_a_seam_that_repeats_the_passage_before_it_is_dropped() -> None:
     # A short sentence goes only right after itself (or anywhere in the window a stretch came from).
     assert repeated_run("We are angry.", "yes, we're angry. We are angry.") == ("", True)
     assert repeated_run("Yes.", "Yes. We went home then.") == ("Yes.", False)
+    assert repeated_run("Thanks.", "And I think this is probably good. Alright, thanks.") == ("", True)
     assert repeated_run("Yes.", "Yes. We went home then.", anywhere=True) == ("", True)
 
 

@@ -61,11 +61,23 @@ def test_sym_int4_meeting_wer_is_within_two_points_of_fp32(meeting: Meeting) -> 
     assert run("sym_int4", meeting).wer <= run("fp32", meeting).wer + 0.02
 
 
-def test_default_engine_on_a_ten_minute_meeting() -> None:
+def test_default_engine_on_a_ten_minute_meeting(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three rounds of the clips: a window whose text skips most of a 25 s turn and stretches one
-    sentence over it must be decoded again (WER 0.138 before, 0.089 after, OpenVINO int8)."""
+    sentence over it must be decoded again. OpenVINO int8 computes in bf16, whose kernels differ
+    between CPUs: on a Zen 5 EPYC 0.138 without decoding again, 0.089 with it; on a Zen 4 EPYC 0.164
+    and 0.122-0.125. So the win is measured on the machine that runs the test: the same engine with
+    decoding again switched off (its real limit set to 0 passes; nothing else changes) is the baseline."""
+    import whisperd.engine.pipeline
+    from conftest import load_engine
+
     long_meeting = build_meeting(seed=1, target_seconds=600)
-    assert run("int8", long_meeting, backend="openvino").wer <= 0.11
+    with_holes = run("int8", long_meeting, backend="openvino").wer
+    engine = load_engine("int8", backend="openvino")
+    monkeypatch.setattr(whisperd.engine.pipeline, "MAX_RESUMES_PER_WINDOW", 0)
+    without = error_rate([long_meeting.reference],
+                         [engine.transcribe(long_meeting.audio, DecodeOptions(language="en")).text], "en")
+    assert with_holes <= without - 0.03
+    assert with_holes <= 0.13
 
 
 def test_no_words_in_the_silent_minute(meeting: Meeting) -> None:

@@ -39,7 +39,9 @@ LOOP_PHRASE_UNITS = 24
 REPEATED_RUN_WORDS = 6
 #: A seam's text this much made of the preceding text's words, in order, is a copy as a whole.
 REPEAT_FRACTION = 0.8
-#: The preceding text a seam is compared with (words): a window's worth of speech.
+#: The preceding text a seam is compared with: what ends in the last LOOKBACK_SECONDS (a window), at
+#: most PRECEDING_WORDS words.
+LOOKBACK_SECONDS = 30.0
 PRECEDING_WORDS = 120
 #: The shortest time any segment is given; a lone short word may have less (LONE_WORD_SECONDS).
 MIN_SEGMENT_SECONDS = 0.5
@@ -161,7 +163,8 @@ def repeated_run(text: str, preceding: str, anywhere: bool = False) -> tuple[str
     if not keys or not before:
         return text, False
     sentences = _sentences(preceding)
-    if comparable(text) in (sentences if anywhere else sentences[-1:]):
+    said = comparable(text)
+    if said in (sentences if anywhere else sentences[-1:]) or before[-len(said.split()):] == said.split():
         return "", True
     # One key may hold two words ("cold-hearted"): compare word by word, remember the token.
     words = [(index, word) for index, key in enumerate(keys) for word in key.split()]
@@ -175,28 +178,24 @@ def repeated_run(text: str, preceding: str, anywhere: bool = False) -> tuple[str
     return " ".join(t for index, t in enumerate(tokens) if index not in cut), True
 
 
-def preceding_text(segments: Sequence[Segment], before: str = "", limit: int = PRECEDING_WORDS) -> str:
-    """The last `limit` words of `before` followed by `segments`' text."""
-    words: list[str] = []
-    for seg in reversed(segments):
-        words[:0] = seg.text.split()
-        if len(words) >= limit:
-            break
-    else:
-        words[:0] = before.split()
-    return " ".join(words[-limit:])
+def preceding_text(segments: Sequence[Segment], since: float, before: str = "") -> str:
+    """`before`, then the text of the segments that end after `since`; at most PRECEDING_WORDS words."""
+    recent = [seg.text for seg in segments if seg.end > since]
+    return " ".join(" ".join([before, *recent]).split()[-PRECEDING_WORDS:])
 
 
 def drop_repeats(segments: Sequence[Segment], seams: Sequence[bool], before: str = "") -> tuple[list[Segment], int]:
-    """Segments in time order, those at a seam (`seams[i]`) less what repeats the text before them
-    (`before`, then the segments kept so far); and how many were cut or dropped. A short sentence
-    repeats only the sentence just before it, or with `before` (the text of the window that a
-    stretch was decoded again from) any sentence of that window."""
+    """Segments in time order, those at a seam (`seams[i]`) less what repeats the text just before
+    them (`before`, then what was kept of the last LOOKBACK_SECONDS); and how many were cut or
+    dropped. A short sentence repeats only the sentence just before it, or with `before` (the text
+    of the window that a stretch was decoded again from) any sentence of that window. Only recent
+    text counts: a copy comes from the window before, and people do say a sentence again later."""
     out: list[Segment] = []
     dropped = 0
     for seg, seam in zip(segments, seams):
         if seam:
-            text, changed = repeated_run(seg.text, preceding_text(out, before), anywhere=bool(before))
+            preceding = preceding_text(out, seg.start - LOOKBACK_SECONDS, before)
+            text, changed = repeated_run(seg.text, preceding, anywhere=bool(before))
             if changed:
                 dropped += 1
                 if not text:

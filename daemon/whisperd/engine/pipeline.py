@@ -459,6 +459,10 @@ def _decode_again(path: Path, block_samples: int, expected: int) -> Iterator[np.
 MAX_RESUMES_PER_WINDOW = 3
 MIN_UNCOVERED_SPEECH_SECONDS = 1.0
 WORD_SLACK_SECONDS = 0.5  # word times are DTW estimates; speech this close to a word counts as covered
+# Segment times are coarse too (often whole seconds): speech this close to a segment's edge is its
+# own. Without it, a sentence that ends 0.7 s after its segment and the next that starts 0.8 s
+# before its own made a "hole" of 1.5 s between them, and the hole was decoded as "Thanks for watching!".
+SEGMENT_SLACK_SECONDS = 0.5
 HOLE_CONTEXT_SECONDS = 0.5
 
 
@@ -478,9 +482,9 @@ def covered_intervals(placed: list[Segment], spans: Sequence[Span] = ()) -> list
             continue
         needed = spoken_length(seg.text) / SLOW_CHARS_PER_SECOND
         if speech_seconds(spans, seg.start, seg.end) > needed + STRETCH_MARGIN_SECONDS:
-            intervals.append((seg.start, seg.start + needed))
+            intervals.append((seg.start - SEGMENT_SLACK_SECONDS, seg.start + needed))
         else:
-            intervals.append((seg.start, seg.end))
+            intervals.append((seg.start - SEGMENT_SLACK_SECONDS, seg.end + SEGMENT_SLACK_SECONDS))
     intervals.sort()
     merged: list[tuple[float, float]] = []
     for start, end in intervals:

@@ -163,7 +163,8 @@ def words_in_span(items: Iterable[Any], start: float, end: float) -> int:
 # -- text that was not said ------------------------------------------------------------------
 
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
-PASSAGE_WORDS = 6  # a repeated passage: a run of this many words written more often than said
+PASSAGE_WORDS = 6  # a repeated passage: a run of this many words written again soon after
+PASSAGE_REACH = 80  # ... within this many words
 LOOP_COPIES = 4  # a loop: a phrase written this many times in a row, more often than said
 
 
@@ -171,24 +172,33 @@ def _words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", text.lower()).split()
 
 
-def repeated_passages(hypothesis: str, reference: str, n: int = PASSAGE_WORDS) -> int:
-    """Runs of ``n`` words the hypothesis writes more often than the reference says them.
+def repeated_passages(hypothesis: str, reference: str, n: int = PASSAGE_WORDS, within: int = PASSAGE_REACH) -> int:
+    """Copies of a run of ``n`` words that follow an earlier copy within ``within`` words, beyond
+    the reference's own such copies: a passage written again where it was said once.
 
-    Every extra copy of an ``n``-word run counts once; a copied passage of ``m >= n`` words
-    therefore counts ``m - n + 1`` times, so report it as "0 or not". Text is compared lower
-    case without punctuation; the reference's own repetitions are allowed.
+    A copied passage of ``m >= n`` words counts ``m - n + 1`` times, so report it as "0 or not".
+    Only nearby copies count (``within`` words, about half a minute of speech): a recording that
+    plays the same clip again minutes later (the 10-minute meeting) says it again. Text is
+    compared lower case without punctuation.
     """
-    def grams(words: list[str]) -> Counter[tuple[str, ...]]:
-        return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    def nearby(words: list[str]) -> Counter[tuple[str, ...]]:
+        last: dict[tuple[str, ...], int] = {}
+        copies: Counter[tuple[str, ...]] = Counter()
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i:i + n])
+            if gram in last and i - last[gram] <= within:
+                copies[gram] += 1
+            last[gram] = i
+        return copies
 
-    said = grams(_words(reference))
-    return sum(max(0, count - max(1, said.get(gram, 0))) for gram, count in grams(_words(hypothesis)).items()
-               if count > 1)
+    said = nearby(_words(reference))
+    return sum(max(0, count - said.get(gram, 0)) for gram, count in nearby(_words(hypothesis)).items())
 
 
 def spoken_loops(hypothesis: str, reference: str, copies: int = LOOP_COPIES, longest: int = 12) -> int:
-    """Phrases (1 to ``longest`` words) written ``copies`` or more times in a row where the
-    reference never has that many copies in a row: the hallucination loop."""
+    """Phrases (1 to ``longest`` words) written ``copies`` or more times in a row, and more than
+    twice as many times in a row as the reference has them: the hallucination loop (one "words"
+    more than the speaker's "words, words, words, words" is a recognition error, not a loop)."""
     def runs(words: list[str]) -> dict[tuple[str, ...], int]:
         found: dict[tuple[str, ...], int] = {}
         for length in range(1, longest + 1):
@@ -208,7 +218,7 @@ def spoken_loops(hypothesis: str, reference: str, copies: int = LOOP_COPIES, lon
 
     said = runs(_words(reference))
     return sum(1 for phrase, count in runs(_words(hypothesis)).items()
-               if count >= copies and count > said.get(phrase, 1))
+               if count >= copies and count > 2 * said.get(phrase, 1))
 
 
 def short_segments(items: Iterable[Any], shorter_than: float = 0.2) -> int:

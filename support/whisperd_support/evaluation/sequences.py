@@ -141,8 +141,9 @@ def build_sequence(name: str) -> Sequence:
 class Verdict:
     """One engine on one sequence, against each piece transcribed alone by the same engine.
 
-    What was said is the pieces' references, and for a piece without one its own transcript alone.
-    ``wer`` scores the sequence's transcript against it, ``wer_alone`` the pieces' transcripts alone;
+    ``wer`` and ``wer_alone`` count errors on the pieces that have a reference (the sequence's
+    transcript is aligned to all that was said, and errors in the other pieces are not counted);
+    what was said is the references, and for a piece without one its own transcript alone.
     ``repeated`` counts 6-word runs the sequence's text has more often than what was said; ``loops`` phrases written 4 or more times in a row
     beyond that; ``short`` segments under 0.2 s.
     """
@@ -175,13 +176,13 @@ def judge(engine: object, sequence: Sequence, language: str = "en") -> Verdict:
     alone = [engine.transcribe(sequence.audio[max(0, int(p.start * SAMPLING_RATE) - margin):  # type: ignore[attr-defined]
                                               int(p.end * SAMPLING_RATE) + margin], options).text
              for p in sequence.pieces]
-    # What was said: the references, and for a piece without one, its own transcript alone (so any
-    # change to it in the sequence counts as an error). Both transcripts are scored against it.
     said = " ".join(p.reference or text for p, text in zip(sequence.pieces, alone))
+    scored = [i for i, p in enumerate(sequence.pieces) if p.reference]
+    references = [sequence.pieces[i].reference for i in scored]
     return Verdict(
         name=sequence.name,
-        wer=error_rate([said], [transcript.text], language),
-        wer_alone=error_rate([said], [" ".join(alone)], language),
+        wer=_error_rate_of_scored(sequence.pieces, alone, transcript.text, language) if scored else float("nan"),
+        wer_alone=error_rate(references, [alone[i] for i in scored], language) if scored else float("nan"),
         repeated=repeated_passages(transcript.text, said),
         loops=spoken_loops(transcript.text, said),
         short=short_segments(transcript.segments),
@@ -189,3 +190,35 @@ def judge(engine: object, sequence: Sequence, language: str = "en") -> Verdict:
         repairs=dataclasses.asdict(transcript.repairs) if hasattr(transcript, "repairs") else {},
         text=transcript.text,
     )
+
+
+def _error_rate_of_scored(pieces: tuple[Piece, ...], alone: list[str], hypothesis: str, language: str) -> float:
+    """Word errors of `hypothesis` in the pieces with a reference, over their reference words.
+
+    The hypothesis is aligned to what was said in the whole sequence (references, and the
+    transcript alone of a piece without one); a substitution or deletion belongs to the piece of
+    its reference word, an insertion to the piece of the reference word before it (text invented
+    in the pause after a piece counts against that piece).
+    """
+    import jiwer
+
+    from whisperd_support.evaluation.scoring import normalize_text
+
+    words: list[str] = []
+    owner: list[int] = []
+    for i, (piece, text) in enumerate(zip(pieces, alone)):
+        said = normalize_text(piece.reference or text, language).split()
+        words += said
+        owner += [i] * len(said)
+    scored = [bool(p.reference) for p in pieces]
+    hyp = normalize_text(hypothesis, language)
+    alignment = jiwer.process_words(" ".join(words), hyp or "<empty>").alignments[0]
+    errors = 0
+    for chunk in alignment:
+        if chunk.type in ("substitute", "delete"):
+            errors += sum(scored[owner[k]] for k in range(chunk.ref_start_idx, chunk.ref_end_idx))
+        elif chunk.type == "insert" and owner:
+            k = min(max(chunk.ref_start_idx - 1, 0), len(owner) - 1)
+            errors += (chunk.hyp_end_idx - chunk.hyp_start_idx) * scored[owner[k]]
+    total = sum(scored[o] for o in owner)
+    return errors / total if total else float("nan")

@@ -101,3 +101,10 @@ def test_clean_segments_counts_what_it_mended() -> None:
     assert cleaned[0].text == "Yeah," and repairs.loops_collapsed == 1
     assert cleaned[0].compression_ratio is not None and cleaned[0].compression_ratio <= GATE
     assert cleaned[1].end - cleaned[1].start >= min_seconds(cleaned[1].text) - 1e-9 and repairs.times_repaired == 1
+
+
+def test_a_strict_fallback_gate_does_not_cut_ordinary_sentences() -> None:
+    """A gate set below Whisper's 2.4 makes windows fall back sooner; the loop guard stays at 2.4."""
+    said = Segment(0.0, 6.0, "And Mr. John Dashwood had then leisure to consider how much there might be prudently.")
+    cleaned, repairs = clean_segments([said], 10.0, drop_repeats=True, compression_threshold=0.5)
+    assert cleaned[0].text == said.text and repairs.loops_collapsed == 0

@@ -56,6 +56,23 @@ def test_long_form_without_vad(ov_int8: Engine, clip: Callable[[str], DevClip]) 
     assert error_rate([c.reference], [result.text], "en") < 0.2, result.text
 
 
+def test_a_window_that_fails_the_compression_gate_is_decoded_again_hotter(ov_int8: Engine,
+                                                                         clip: Callable[[str], DevClip]) -> None:
+    """The pipeline has no gates of its own: whisperd computes the compression ratio from each
+    window's text and decodes it again at the next temperature. A gate no text can pass (0.5) makes
+    every temperature run; the attempt that compresses least is kept, sampled with a seed of the
+    window's own, so the same file gives the same transcript again."""
+    c = clip("en_librivox_ss01_0870")
+    strict = {"language": "en", "compression_ratio_threshold": 0.5}
+    first, again = transcribe(ov_int8, c, **strict), transcribe(ov_int8, c, **strict)
+    greedy = transcribe(ov_int8, c, language="en")
+    assert {seg.temperature for seg in greedy.segments} == {0.0}
+    assert first.text == again.text
+    assert all(seg.temperature is not None for seg in first.segments)
+    assert all(seg.compression_ratio is not None for seg in first.segments)
+    assert error_rate([c.reference], [first.text], "en") <= 0.3, first.text
+
+
 # -- settings are checked before anything is exported or loaded -----------------------------------
 
 

@@ -577,9 +577,10 @@ def clean_segments(segments: list[Segment], duration: float, drop_repeats: bool,
     order inside [0, duration] and long enough to say the words (see guards); and what was mended.
 
     A segment's compression ratio (of its final text) is kept for the .json. The loop guard uses the
-    compression-ratio gate of the decode, or Whisper's 2.4 where the gate was switched off.
+    compression-ratio gate of the decode, but never below Whisper's 2.4 (where the gate is off, or
+    set lower to make windows fall back sooner): below it, ordinary sentences compress that well.
     """
-    threshold = compression_threshold if compression_threshold is not None else LOOP_GATE
+    threshold = max(compression_threshold or LOOP_GATE, LOOP_GATE)
     kept: list[Segment] = []
     loops = 0
     for seg in segments:

@@ -211,6 +211,7 @@ def run_precision(args: argparse.Namespace, precision: str) -> dict[str, Any]:
 
     from whisperd.audio import decode_audio
     from whisperd.engine import create_engine
+    from whisperd.outputs import render
     from whisperd_support.evaluation import fetch_clips, score
     from whisperd_support.evaluation.meeting import build_meeting
     from whisperd_support.evaluation.metrics import (
@@ -221,7 +222,6 @@ def run_precision(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         onset_stats,
         words_in_span,
     )
-    from whisperd.outputs import render
 
     settings, decode_kw = build_options(args, precision)
     rss_before = _rss_mb()
@@ -461,7 +461,7 @@ def _run_worker(args: argparse.Namespace, precision: str | None = None) -> dict[
 def _run_child(argv: list[str], precision: str) -> dict[str, Any]:
     """Run one precision in a fresh interpreter; its progress goes to our stderr."""
     rest, skip = [], False
-    for i, a in enumerate(argv):  # drop --precision/--json: the child gets its own
+    for a in argv:  # drop --precision/--json: the child gets its own
         if skip:
             skip = False
             continue

@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
 
-    from whisperd_support.evaluation.meeting import build_meeting
     from whisperd.speakers.embedding import default_encoder
     from whisperd.vad import SpeechDetector
+    from whisperd_support.evaluation.meeting import build_meeting
 
     recordings = {
         "meeting": build_meeting(seed=args.seed),

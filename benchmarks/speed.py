@@ -199,7 +199,9 @@ def run_size_child(size: str, args: argparse.Namespace) -> None:
     rows = []
     for batch in args.size_batches:
         features = torch.randn(batch, mels, 3000, device=args.device, dtype=torch.float16)
-        run = lambda: decoder.decode(features, [prefix] * batch, [0.0] * batch, fixed_tokens=args.tokens)  # noqa: E731
+        def run(features: torch.Tensor = features, batch: int = batch) -> object:
+            return decoder.decode(features, [prefix] * batch, [0.0] * batch, fixed_tokens=args.tokens)
+
         run()  # capture and warm up
         walls = []
         for _ in range(args.repeats):

@@ -14,11 +14,10 @@ import pytest
 _SUPPORT = Path(__file__).resolve().parents[1] / "support"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SUPPORT), os.environ.get("PYTHONPATH")) if p)
 
+from pg_harness import own_postgres_server, pg_url, postgres_server  # noqa: E402, F401 - fixtures, after PYTHONPATH
 from whisperd.engine import Engine, create_engine  # noqa: E402
 from whisperd.options import EngineSettings  # noqa: E402
 from whisperd_support.evaluation import DevClip, fetch_clip  # noqa: E402
-
-from pg_harness import own_postgres_server, pg_url, postgres_server  # noqa: F401  (fixtures)
 
 BASE_MODEL = "openai/whisper-base"
 

@@ -148,7 +148,7 @@ def check_invariants(specs: list[Spec], cues: list[Cue], wide: int = 2) -> None:
             assert cue.start >= spec.segment.start - 1e-9, cue
         # segments share a cue only across less than MERGE_GAP of silence
         in_cue = sorted({source[p][0] for p in range(pos, pos + chars)})
-        for a, b in zip(in_cue, in_cue[1:]):
+        for b in in_cue[1:]:
             latest_end = max(speech_span(specs[k])[1] for k in range(b) if specs[k].segment.text.strip())
             assert speech_span(specs[b])[0] - latest_end <= MERGE_GAP + 1e-9, cue
         pos += chars

@@ -104,11 +104,10 @@ def test_a_worker_killed_with_several_jobs_in_it_costs_each_one_attempt(tmp_path
 
 
 def test_a_late_job_times_out_and_the_job_beside_it_is_handed_back(tmp_path: Path) -> None:
+    from daemon_harness import MODEL, long_recording
     from whisperd.options import DecodeOptions, EngineSettings
     from whisperd.protocol import AttemptOutcome, JobRequest
     from whisperd.supervisor import WorkerSupervisor
-
-    from daemon_harness import MODEL, long_recording
 
     late, beside = tmp_path / "late.wav", tmp_path / "beside.wav"
     shutil.copyfile(long_recording().path, late)  # ten minutes: far longer than its timeout

@@ -39,10 +39,11 @@ def test_check_config_flags_bad_rule_files_and_a_bad_precision(tmp_path: Path) -
     result = whisperd_cli("check-config", str(config))
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert any(f"{config}: engine:" in l and "'nf4'" in l and "Intel GPU" in l for l in lines), lines
-    assert any(l.startswith(f"{bad_task}: key 'task'") and "'transcribe' or 'translate'" in l for l in lines), lines
-    assert any(l.startswith(f"{bad_key}: key 'langauge': unknown key") and "language" in l for l in lines), lines
-    assert not any(".hidden" in l for l in lines), lines
+    assert any(f"{config}: engine:" in line and "'nf4'" in line and "Intel GPU" in line for line in lines), lines
+    assert any(line.startswith(f"{bad_task}: key 'task'") and "'transcribe' or 'translate'" in line for line in lines), lines
+    assert any(line.startswith(f"{bad_key}: key 'langauge': unknown key") and "language" in line
+               for line in lines), lines
+    assert not any(".hidden" in line for line in lines), lines
     assert len(lines) == 3, lines
 
 

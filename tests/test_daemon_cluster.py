@@ -20,8 +20,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from whisperd.naming import TEMP_PREFIX, host_tag, temp_tag
-
 from daemon_harness import (
     TEMP_OUTPUT_GLOB,
     DaemonProcess,
@@ -33,6 +31,7 @@ from daemon_harness import (
     write_config,
 )
 from pg_harness import PostgresServer
+from whisperd.naming import TEMP_PREFIX, host_tag, temp_tag
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

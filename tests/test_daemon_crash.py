@@ -16,8 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from whisperd.naming import TEMP_PREFIX, temp_tag
-
 from daemon_harness import (
     TEMP_OUTPUT_GLOB,
     clip,
@@ -31,6 +29,7 @@ from daemon_harness import (
     whisperd_cli,
     write_config,
 )
+from whisperd.naming import TEMP_PREFIX, temp_tag
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -123,7 +122,7 @@ def test_worker_sigkilled_mid_job_is_retried_and_succeeds(tmp_path: Path) -> Non
         assert out.returncode == 0, out.stderr
         assert f"worker pid {second_worker}" in out.stdout
         assert "recently done:" in out.stdout
-        line = next(l for l in out.stdout.splitlines() if str(target) in l)
+        line = next(text for text in out.stdout.splitlines() if str(target) in text)
         assert "attempts 2 (1 failed: the worker process died during the job" in line, line
         report = json.loads(whisperd_cli("status", "--config", str(config), "--json").stdout)
         recent = report["recent"][0]

@@ -13,11 +13,10 @@ import pytest
 from whisperd.checks import rule_files
 from whisperd.config import InboxConfig
 from whisperd.jobstore import SqliteJobStore
-from whisperd.notify import Notifier
 from whisperd.naming import HOST_ID_ENV, TEMP_PREFIX, error_file_for, host_tag, temp_prefix_for, temp_tag
+from whisperd.notify import Notifier
 from whisperd.runner import remove_stale_temp_outputs
 from whisperd.status import collect_status, format_status
-from whisperd.watcher import Inbox
 
 pytestmark = pytest.mark.timeout(60)
 

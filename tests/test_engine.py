@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from whisperd.audio import decode_audio
-from whisperd.engine import Engine
-from whisperd.engine import TranscriptionError
-from whisperd_support.evaluation import DevClip, error_rate
+from whisperd.engine import Engine, TranscriptionError
 from whisperd.options import DecodeOptions
+from whisperd_support.evaluation import DevClip, error_rate
 
 LIBRIVOX = [f"en_librivox_ss01_{n}" for n in ("0870", "0880", "0890", "0920", "0930")]
 MANDARIN = ["zh_aishell1_BAC009S0764W0121", "zh_aishell1_BAC009S0764W0122"]

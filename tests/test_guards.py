@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from whisperd.engine.guards import (collapse_loops, drop_repeats, give_time, min_seconds, repeated_run,
-                                    text_compression_ratio)
+from whisperd.engine.guards import (
+    collapse_loops,
+    drop_repeats,
+    give_time,
+    min_seconds,
+    repeated_run,
+    text_compression_ratio,
+)
 from whisperd.engine.pipeline import clean_segments
 from whisperd.transcript import Segment, Word
 

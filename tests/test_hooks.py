@@ -23,11 +23,10 @@ from typing import Any
 
 import pytest
 
+from daemon_harness import clip, final_row, rows_for, running_daemon, wait_for, whisperd_cli, write_config
 from whisperd.config import ConfigError, load_config
 from whisperd.hooks import hook_env, run_exec, sign, signing_key
 from whisperd.rules import RuleError, RuleSet
-
-from daemon_harness import clip, final_row, rows_for, running_daemon, wait_for, whisperd_cli, write_config
 
 SECRET = b"whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef")
 DUMP = """

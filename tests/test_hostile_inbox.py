@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from whisperd.jobstore import SqliteJobStore
-
 from daemon_harness import (
     TEMP_OUTPUT_GLOB,
     clip,
@@ -33,6 +31,7 @@ from daemon_harness import (
     write_config,
     write_rules,
 )
+from whisperd.jobstore import SqliteJobStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pg_harness import PostgresServer
 from whisperd.jobstore import (
     SCHEMA_VERSION,
     STATES,
@@ -27,8 +28,6 @@ from whisperd.jobstore import (
 )
 from whisperd.jobstore.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from whisperd.jobstore.postgres import PostgresJobStore
-
-from pg_harness import PostgresServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,6 +11,7 @@ import srt
 
 import whisperd_support.evaluation.meeting as meeting_mod
 from whisperd.audio import decode_audio
+from whisperd.transcript import Segment, Word
 from whisperd_support.evaluation import fetch_clips, load_manifest
 from whisperd_support.evaluation.meeting import MEETING_CLIPS, SILENCE_SECONDS, Meeting, build_meeting, speech_bounds
 from whisperd_support.evaluation.metrics import (
@@ -27,7 +28,6 @@ from whisperd_support.evaluation.metrics import (
     real_time_factor,
     words_in_span,
 )
-from whisperd.transcript import Segment, Word
 
 SR = 16000
 
@@ -141,7 +141,7 @@ def test_onsets_match_the_clip_placement(meeting: Meeting) -> None:
         assert placed.offset_s - placed.onset_s == pytest.approx(len(speech) / SR, abs=1e-3)
         start = int(round(placed.onset_s * SR))
 
-        def corr(shift: int) -> float:
+        def corr(shift: int, start: int = start, speech: np.ndarray = speech) -> float:
             seg = meeting.audio[start + shift : start + shift + len(speech)].astype(np.float64)
             return float(np.corrcoef(seg, speech)[0, 1])
 

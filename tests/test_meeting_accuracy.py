@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from whisperd_support.evaluation import error_rate
-from whisperd_support.evaluation.meeting import Meeting, build_meeting
-from whisperd_support.evaluation.metrics import Cue, cues_from_srt, max_cue_duration, onset_stats, words_in_span
 from whisperd.options import DecodeOptions
 from whisperd.outputs import render
 from whisperd.transcript import Transcript
+from whisperd_support.evaluation import error_rate
+from whisperd_support.evaluation.meeting import Meeting, build_meeting
+from whisperd_support.evaluation.metrics import Cue, cues_from_srt, max_cue_duration, onset_stats, words_in_span
 
 pytestmark = pytest.mark.slow
 FILLERS = ("uh", "um", "er", "ah")

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon_harness import clip, final_row, running_daemon, wait_for, write_config, write_rules
 from whisperd.config import ConfigError, load_config, parse_listen
 from whisperd.jobstore import SqliteJobStore
 from whisperd.metrics import Metrics
-
-from daemon_harness import clip, final_row, running_daemon, wait_for, write_config, write_rules
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,7 +19,6 @@ import pytest
 
 from whisperd import paths
 from whisperd.audio import decode_audio
-from whisperd_support.evaluation import fetch_clip
 from whisperd.models import (
     CT2FormatError,
     ModelNotFoundError,
@@ -31,8 +30,8 @@ from whisperd.models import (
     resolve_model,
 )
 from whisperd.models import ct2 as ct2_module
-from whisperd.models import fetch as fetch_module
 from whisperd_support import pypi_models
+from whisperd_support.evaluation import fetch_clip
 
 PYPI = (pypi_models.PYPI_SOURCE,)  # what `whisperd fetch-model --from-pypi` adds
 

@@ -21,10 +21,10 @@ pytest.importorskip("openvino_genai", reason="backend openvino needs: pip instal
 from whisperd.audio import decode_audio  # noqa: E402
 from whisperd.devices import UnsupportedSettingError, check_openvino_settings, openvino_available_devices  # noqa: E402
 from whisperd.engine import Engine, TranscriptionError, create_engine  # noqa: E402
-from whisperd_support.evaluation import DevClip, error_rate  # noqa: E402
 from whisperd.models import openvino_export  # noqa: E402
 from whisperd.models.openvino_export import ensure_openvino_model, export_dir, is_export_complete  # noqa: E402
 from whisperd.options import DecodeOptions, EngineSettings  # noqa: E402
+from whisperd_support.evaluation import DevClip, error_rate  # noqa: E402
 
 LIBRIVOX = [f"en_librivox_ss01_{n}" for n in ("0870", "0880", "0890", "0920", "0930")]
 # What both backends must do alike (languages, translation, long audio, word times) is tested once,

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from daemon_harness import clip, final_row, rows_for, running_daemon, wait_for, whisperd_cli, write_config, write_rules
 from whisperd.cli import main
 from whisperd.config import load_config
 from whisperd.jobstore import open_job_store
-
-from daemon_harness import clip, final_row, rows_for, running_daemon, wait_for, whisperd_cli, write_config, write_rules
 
 
 def test_retry_paths_and_failed_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

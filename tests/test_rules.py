@@ -41,8 +41,8 @@ def inbox(tmp_path: Path) -> Path:
     return root
 
 
-def resolve(inbox: Path, relative: str, defaults: RuleSet = RuleSet(), resolver: RuleResolver | None = None):
-    return (resolver or RuleResolver()).resolve(inbox / relative, inbox, defaults)
+def resolve(inbox: Path, relative: str, defaults: RuleSet | None = None, resolver: RuleResolver | None = None):
+    return (resolver or RuleResolver()).resolve(inbox / relative, inbox, defaults or RuleSet())
 
 
 def test_without_rule_files_the_built_in_defaults_apply(inbox: Path) -> None:
@@ -124,7 +124,8 @@ def test_errors_name_the_file_the_key_and_what_is_allowed(inbox: Path, text: str
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("task: [unclosed\n", "not valid YAML"),
-    ("- just\n- a list\n", "expected a mapping of keys (language, task, outputs, initial_prompt, word_timestamps, speakers), got list"),
+    ("- just\n- a list\n",
+     "expected a mapping of keys (language, task, outputs, initial_prompt, word_timestamps, speakers), got list"),
 ])
 def test_unreadable_rule_files_name_the_file(inbox: Path, text: str, expected: str) -> None:
     rule_file = write_rules(inbox, text)

@@ -9,7 +9,6 @@ import pytest
 
 from whisperd_support.evaluation import ErrorRate, error_rate, load_manifest, normalize_text, score
 
-
 # --- known error rates ------------------------------------------------------------
 
 

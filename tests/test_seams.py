@@ -39,7 +39,6 @@ def test_a_meeting_with_short_pauses_has_no_segment_without_time(backend: str) -
     speech decoded again used to push every later segment of the window to its end, 0 s long
     (4 such segments with OpenVINO, 5 with transformers)."""
     from conftest import load_engine
-
     from whisperd.options import DecodeOptions
     from whisperd_support.evaluation import error_rate
     from whisperd_support.evaluation.meeting import build_meeting

@@ -10,8 +10,8 @@ from silero_vad import load_silero_vad
 from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
 from whisperd.audio import decode_audio
-from whisperd_support.evaluation import DevClip
 from whisperd.silero import CHUNK, SileroOnnx, speech_timestamps
+from whisperd_support.evaluation import DevClip
 
 
 def probabilities(model: Callable[[np.ndarray], np.ndarray], audio: np.ndarray) -> np.ndarray:
@@ -51,10 +51,9 @@ def test_decisions_match_on_random_probabilities() -> None:
 def test_the_torch_model_for_gpus_gives_the_onnx_probabilities() -> None:
     """whisperd.silero_torch runs every stream's chunks at once; on the CPU here (on a GPU in
     production) it must decide exactly as the ONNX model stepped chunk by chunk."""
-    from whisperd_support.evaluation.meeting import Meeting, meeting_path
-
     from whisperd.silero_torch import SileroTorch
     from whisperd.vad import SpeechDetector, speech_probabilities
+    from whisperd_support.evaluation.meeting import Meeting, meeting_path
 
     audio = Meeting.load(meeting_path(seed=0)).audio
     stepped = speech_probabilities([SileroOnnx()], audio)

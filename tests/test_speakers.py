@@ -16,16 +16,28 @@ import numpy as np
 import pytest
 
 from whisperd.engine import Engine
-from whisperd_support.evaluation.meeting import Meeting, build_meeting
 from whisperd.options import DecodeOptions
 from whisperd.outputs import render
-from whisperd.speakers import (SpeakerEmbedder, SpeakerModelError, Turn, assign_speakers, cluster_embeddings,
-                               label_speakers)
+from whisperd.speakers import (
+    SpeakerEmbedder,
+    SpeakerModelError,
+    Turn,
+    assign_speakers,
+    cluster_embeddings,
+    label_speakers,
+)
 from whisperd.speakers.clustering import absorb_sandwiched, make_turns
-from whisperd.speakers.embedding import (EmbeddedWindow, TorchEncoder, default_encoder, fbank, onnx_encoder,
-                                         window_frames)
+from whisperd.speakers.embedding import (
+    EmbeddedWindow,
+    TorchEncoder,
+    default_encoder,
+    fbank,
+    onnx_encoder,
+    window_frames,
+)
 from whisperd.transcript import Segment, Word
 from whisperd.vad import Span, SpeechDetector, plan_windows
+from whisperd_support.evaluation.meeting import Meeting, build_meeting
 
 TRIO = ("en_librivox_ss01_0870", "en_librivox_ss01_0890", "en_mfa_acoustic_corpus", "en_mfa_cold_corpus",
         "sv_nst_u0016002", "sv_nst_u0016003")

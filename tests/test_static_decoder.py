@@ -310,7 +310,8 @@ def test_a_failure_reaches_every_caller_in_flight_and_decoding_goes_on() -> None
 
 def test_several_recordings_share_batches_and_keep_their_own_transcripts(
         engine_fp32: Engine, clip: Callable[[str], DevClip]) -> None:
-    recordings = [decode_audio(clip("en_goforward").path), decode_audio(clip("zh_aishell1_BAC009S0764W0121").path), np.zeros(16000 * 3, dtype=np.float32)]
+    recordings = [decode_audio(clip("en_goforward").path), decode_audio(clip("zh_aishell1_BAC009S0764W0121").path),
+                  np.zeros(16000 * 3, dtype=np.float32)]
     alone = [engine_fp32.transcribe(audio, DecodeOptions()) for audio in recordings]
     counters = engine_fp32.backend.shared_batches.counters
     counters.most_rows_at_once = 0

@@ -10,9 +10,9 @@ import pytest
 from whisperd.audio import decode_audio
 from whisperd.engine import Engine
 from whisperd.engine.pipeline import window_samples
-from whisperd_support.evaluation.meeting import meeting_path
 from whisperd.options import DecodeOptions
 from whisperd.vad import BLOCK_ALIGN, Window
+from whisperd_support.evaluation.meeting import meeting_path
 
 
 def test_window_samples_across_blocks() -> None:

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from whisperd.engine.pipeline import covered_intervals, uncovered_speech
-from whisperd_support.evaluation.meeting import build_meeting
 from whisperd.transcript import Segment, Word
 from whisperd.vad import (
     BLOCK_ALIGN,
     SAMPLING_RATE,
-    SpeechDetector,
     Span,
+    SpeechDetector,
     Window,
     frame_levels_db,
     load_silero_onnx,
     speech_probabilities,
 )
+from whisperd_support.evaluation.meeting import build_meeting
 
 S = SAMPLING_RATE
 

@@ -39,7 +39,8 @@ def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ski
         kind = next((a for a in get_args(info.annotation) if a is not type(None)), info.annotation) \
             if get_origin(info.annotation) in (Union, UnionType) else info.annotation
         default = "" if info.default in (None, False) else f" (default: {_shown_default(info.default)})"
-        common: dict[str, Any] = {"dest": name, "default": None, "help": f"{info.description or name}{default}".replace("%", "%%")}
+        help_text = f"{info.description or name}{default}".replace("%", "%%")
+        common: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if kind is bool:
             parser.add_argument(*flags, action="store_true", **common)

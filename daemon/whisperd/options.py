@@ -57,8 +57,9 @@ class EngineSettings(BaseModel):
     decoder: str = Field("auto", json_schema_extra={"choices": DECODERS},
                          description="transformers: auto, static (batched static-cache decoder, CUDA graphs on NVIDIA "
                                      "GPUs) or generate (transformers' generate())")
-    streams: int | None = Field(None, ge=1, description="openvino on the CPU: windows decoded side by side by separate "
-                                                        "pipelines, threads shared out among them (default: one per core, at most 4)")
+    streams: int | None = Field(None, ge=1,
+                                description="openvino on the CPU: windows decoded side by side by separate pipelines, "
+                                            "threads shared out among them (default: one per core, at most 4)")
 
     def with_overrides(self, **changes: object) -> EngineSettings:
         """Copy with the given fields replaced (and type-checked); None values are ignored (unset CLI flags)."""

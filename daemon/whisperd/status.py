@@ -241,7 +241,8 @@ def format_status(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines.append("recent failures:")
         for job in report["failures"]:
-            lines.append(f"  {shown(job['path'])} ({_ago(job['finished_at'])}, attempts {job['attempts']}): {shown(job['error'])}")
+            lines.append(f"  {shown(job['path'])} ({_ago(job['finished_at'])}, attempts {job['attempts']}): "
+                         f"{shown(job['error'])}")
     if report.get("hook_failures"):
         lines.append("completion hooks that failed:")
         for item in report["hook_failures"]:

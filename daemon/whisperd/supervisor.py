@@ -18,8 +18,17 @@ from multiprocessing.connection import Connection
 from whisperd.errors import WhisperdError
 from whisperd.logs import get_logger
 from whisperd.options import EngineSettings
-from whisperd.protocol import (AttemptOutcome, Fatal, JobDone, JobFailed, JobOutcome, JobProgress, JobRequest, Ready,
-                               Stop)
+from whisperd.protocol import (
+    AttemptOutcome,
+    Fatal,
+    JobDone,
+    JobFailed,
+    JobOutcome,
+    JobProgress,
+    JobRequest,
+    Ready,
+    Stop,
+)
 from whisperd.worker import worker_main
 
 log = get_logger(__name__)

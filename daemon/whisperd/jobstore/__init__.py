@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 from whisperd.jobstore.base import (
     DEFAULT_LEASE_SECONDS,
     FINAL_STATES,
-    HookDelivery,
-    HookEvent,
     ROOT_INBOX,
     STATES,
+    HookDelivery,
+    HookEvent,
     InboxMap,
     Job,
     JobState,

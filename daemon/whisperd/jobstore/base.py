@@ -239,10 +239,10 @@ class JobStore(ABC):
     def location(self) -> str:
         """Where the jobs are, for status and logs (never a password)."""
 
-    def _lock_identity(self, tx: Tx, inbox: str, rel: bytes) -> None:
+    def _lock_identity(self, tx: Tx, inbox: str, rel: bytes) -> None:  # noqa: B027 - optional hook, no-op here
         """Serialise enqueues of one path across hosts (a no-op where transactions are exclusive)."""
 
-    def _notify_queued(self, tx: Tx) -> None:
+    def _notify_queued(self, tx: Tx) -> None:  # noqa: B027 - optional hook, no-op here
         """Tell idle hosts that a job became claimable (on commit)."""
 
     def _json(self, value: Mapping[str, Any]) -> Any:
@@ -256,7 +256,7 @@ class JobStore(ABC):
         """The path to show for an inbox this host does not have."""
         return Path(f"{inbox}:") / os.fsdecode(rel)
 
-    def on_queued(self, callback: Callable[[], None]) -> None:
+    def on_queued(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook, no-op here
         """Call ``callback`` (from another thread) when another process queues a job. Polling stays
         the fallback, so a backend without notifications does nothing."""
 

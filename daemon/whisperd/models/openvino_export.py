@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from whisperd.logs import get_logger
 from whisperd import paths
+from whisperd.logs import get_logger
 from whisperd.models.ct2 import MARKER_NAME, _remove, staged_install
 from whisperd.models.fetch import cache_key, model_lock
 

@@ -5,7 +5,14 @@ Importing this package needs only the standard library; the scoring dependencies
 scoring function is first called.
 """
 
-from whisperd_support.evaluation.clips import ClipFetchError, ClipSource, DevClip, fetch_clip, fetch_clips, load_manifest
+from whisperd_support.evaluation.clips import (
+    ClipFetchError,
+    ClipSource,
+    DevClip,
+    fetch_clip,
+    fetch_clips,
+    load_manifest,
+)
 from whisperd_support.evaluation.scoring import ErrorRate, error_rate, normalize_text, score
 
 __all__ = [

@@ -332,7 +332,7 @@ def _build(params: dict[str, Any]) -> Meeting:
 
     # 2. Where the silence goes: the inner gap closest to the middle of the speech timeline.
     starts, t = [], 0.0
-    for i, (clip, pause) in enumerate(sequence):
+    for clip, pause in sequence:
         t += pause
         starts.append(t)
         t += clip.speech / rate

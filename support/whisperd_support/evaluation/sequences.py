@@ -144,8 +144,8 @@ class Verdict:
     ``wer`` and ``wer_alone`` count errors on the pieces that have a reference (the sequence's
     transcript is aligned to all that was said, and errors in the other pieces are not counted);
     what was said is the references, and for a piece without one its own transcript alone.
-    ``repeated`` counts 6-word runs the sequence's text has more often than what was said; ``loops`` phrases written 4 or more times in a row
-    beyond that; ``short`` segments under 0.2 s.
+    ``repeated`` counts 6-word runs written again soon after they were (repeated_passages); ``loops``
+    phrases written 4 or more times in a row beyond what was said; ``short`` segments under 0.2 s.
     """
 
     name: str

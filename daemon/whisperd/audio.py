@@ -39,6 +39,7 @@ import av.filter
 import numpy as np
 
 from whisperd.errors import WhisperdError
+from whisperd.transcript import SAMPLING_RATE
 
 try:
     import soundfile
@@ -91,7 +92,7 @@ class AudioDecodeError(WhisperdError):
         super().__init__(f"{self.path.name}: {reason}")
 
 
-def stream_audio(path: Path | str, sampling_rate: int = 16000, block_samples: int = 1 << 20, *,
+def stream_audio(path: Path | str, sampling_rate: int = SAMPLING_RATE, block_samples: int = 1 << 20, *,
                  log_damage: bool = True) -> Iterator[np.ndarray]:
     """Decode ``path`` as :func:`decode_audio` does, handing out consecutive blocks of ``block_samples``.
 
@@ -131,7 +132,7 @@ def stream_audio(path: Path | str, sampling_rate: int = 16000, block_samples: in
         yield np.clip(block, -1.0, 1.0, out=block)
 
 
-def decode_audio(path: Path | str, sampling_rate: int = 16000) -> np.ndarray:
+def decode_audio(path: Path | str, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
     """Decode the first audio stream of ``path`` to mono float32 in [-1, 1] at ``sampling_rate``.
 
     Channels are downmixed and the rate converted by ffmpeg (libswresample). Raises

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from whisperd.languages import normalize_language
-
-Device = Literal["auto", "xpu", "cuda", "cpu"]
-Task = Literal["transcribe", "translate"]
 
 DEVICES: tuple[str, ...] = ("auto", "xpu", "cuda", "cpu")
 TASKS: tuple[str, ...] = ("transcribe", "translate")

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-SAMPLING_RATE = 16000
+from whisperd.transcript import SAMPLING_RATE
+
 CHUNK = 512  # samples per model step at 16 kHz
 CONTEXT = 64  # samples of the previous step the model sees with each chunk
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: The rate every part of whisperd works at: audio is decoded to 16 kHz mono float32 (Whisper's
+#: rate), and sample positions (VAD spans, windows, blocks) count samples at this rate.
+SAMPLING_RATE = 16000
+
 
 @dataclass(frozen=True, slots=True)
 class Word:

@@ -19,8 +19,7 @@ import numpy as np
 
 from whisperd.silero import SileroOnnx, speech_timestamps
 from whisperd.silero_torch import SileroTorch
-
-SAMPLING_RATE = 16000
+from whisperd.transcript import SAMPLING_RATE
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from whisperd.transcript import SAMPLING_RATE
+
 N_FFT = 400
 HOP_LENGTH = 160
-WINDOW_SAMPLES = 30 * 16000
+WINDOW_SAMPLES = 30 * SAMPLING_RATE
 
 
 class LogMel:

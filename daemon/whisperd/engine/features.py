@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-SAMPLING_RATE = 16000
+from whisperd.transcript import SAMPLING_RATE
+
 N_FFT = 400
 HOP_LENGTH = 160
 CHUNK_SAMPLES = 30 * SAMPLING_RATE

@@ -51,11 +51,10 @@ from whisperd.devices import OpenVINOPlan
 from whisperd.engine.features import log_mel_spectrogram
 from whisperd.engine.guards import text_compression_ratio
 from whisperd.options import DecodeOptions, EngineSettings
-from whisperd.transcript import Segment, Word
+from whisperd.transcript import SAMPLING_RATE, Segment, Word
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLING_RATE
 MAX_AUTO_STREAMS = 4  # each pipeline holds its own copy of the weights (~80 MB for base at int8)
 

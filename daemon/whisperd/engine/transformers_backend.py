@@ -26,11 +26,10 @@ from whisperd.engine.streams import new_stream, on_stream, wait_for_own_work
 from whisperd.engine.window_rules import FRAMES_PER_WINDOW, Attempt, Pass, Thresholds, decode_passes, pass_seed
 from whisperd.languages import language_name
 from whisperd.options import DecodeOptions, EngineSettings
-from whisperd.transcript import Segment, Word
+from whisperd.transcript import SAMPLING_RATE, Segment, Word
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLING_RATE
 HOP_LENGTH = 160  # samples per log-mel frame
 # Rows (window passes) of several recordings decoded together at most: a GPU keeps gaining up to

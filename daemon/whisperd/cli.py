@@ -153,14 +153,13 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def pypi_source():  # noqa: ANN201 - whisperd.models.fetch.ModelSource
-    """The PyPI model source from the source checkout's support/ folder (not part of the package)."""
-    support = Path(__file__).resolve().parents[2] / "support"
-    if support.is_dir() and str(support) not in sys.path:
-        sys.path.insert(0, str(support))
+    """The PyPI model source, from the `whisperd-support` package of the source checkout (not part of
+    whisperd; scripts/setup.sh installs it)."""
     try:
         from whisperd_support.pypi_models import PYPI_SOURCE
     except ImportError as exc:
-        raise LookupError(f"--from-pypi needs whisperd's source checkout (its support/ folder): {exc}") from exc
+        raise LookupError("--from-pypi needs whisperd's source checkout with its support package installed "
+                          f"(scripts/setup.sh, or pip install -e support/): {exc}") from exc
     return PYPI_SOURCE
 
 

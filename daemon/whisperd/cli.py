@@ -13,7 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from whisperd.logs import configure_logging
-from whisperd.options import EngineSettings
+from whisperd.options import EngineSettings, field_choices
 from whisperd.rules import DEFAULT_RULES, Rules, RuleSet, decode_options_from, describe_validation_error
 
 # Flags that keep an older spelling beside the one made from the field's name.
@@ -41,18 +41,18 @@ def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ski
         default = "" if info.default in (None, False) else f" (default: {_shown_default(info.default)})"
         help_text = f"{info.description or name}{default}".replace("%", "%%")
         common: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        listed = field_choices(info)
         if kind is bool:
             parser.add_argument(*flags, action="store_true", **common)
-        elif "choices" in extra:
-            parser.add_argument(*flags, choices=extra["choices"], **common)
+        elif listed is not None:
+            parser.add_argument(*flags, choices=listed, **common)
         elif get_origin(kind) is Literal:
             parser.add_argument(*flags, choices=get_args(kind), **common)
         elif get_origin(kind) is tuple and get_origin(get_args(kind)[0]) is Literal:
             choices = get_args(get_args(kind)[0])
             parser.add_argument(*flags, type=_comma_list(name, choices, info.description or ""), **common)
         else:
-            parser.add_argument(*flags, type=kind if kind in (int, float) else str, **common)
+            parser.add_argument(*flags, type=int if kind is int else float if kind is float else str, **common)
 
 
 def _shown_default(value: Any) -> str:
@@ -184,12 +184,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("whisperd: error: give --config or --state-dir", file=sys.stderr)
         return 2
     config = load_config(args.config) if args.config is not None else None
-    state_dir = args.state_dir or config.state_dir  # type: ignore[union-attr]
-    open_store = None
+    state_dir = args.state_dir or (config.state_dir if config is not None else None)
+    assert state_dir is not None  # one of the two is given (checked above)
+    open_store: Callable[[], JobStore] | None = None
     if config is not None and config.job_store.backend != "sqlite":  # the SQLite file is found in state_dir
-        from whisperd.jobstore import open_job_store, read_host_id
+        from whisperd.jobstore import JobStore, open_job_store, read_host_id
 
-        open_store = lambda: open_job_store(config, host_id=read_host_id(state_dir) or "status")  # noqa: E731
+        def open_store() -> JobStore:
+            return open_job_store(config, host_id=read_host_id(state_dir) or "status")
     report = collect_status(state_dir, failures=args.failures, open_store=open_store)
     print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
     return 0

@@ -20,7 +20,7 @@ from pydantic import (
 
 from whisperd.devices import allowed_precisions
 from whisperd.errors import WhisperdError
-from whisperd.options import DEVICES, EngineSettings
+from whisperd.options import DEVICES, EngineSettings, field_choices
 from whisperd.rules import RuleSet, describe_validation_error
 
 
@@ -58,7 +58,7 @@ class EngineSection(EngineSettings):
     @classmethod
     def _one_of_its_choices(cls, v: str, info: ValidationInfo) -> str:
         """Fields whose declaration lists their choices (the CLI offers the same list)."""
-        choices = cls.model_fields[info.field_name].json_schema_extra["choices"]  # type: ignore[index]
+        choices = field_choices(cls.model_fields[str(info.field_name)]) or ()
         if v not in choices:
             raise ValueError(f"use one of {', '.join(choices)}")
         return v

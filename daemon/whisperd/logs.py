@@ -15,7 +15,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     The daemon logs to stdout (journald); one-shot commands pass stderr, keeping stdout for results.
     """
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

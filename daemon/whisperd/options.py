@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from whisperd.languages import normalize_language
 
@@ -29,6 +30,13 @@ DECODERS: tuple[str, ...] = ("auto", "static", "generate")
 DEFAULT_MODEL = "openai/whisper-base"
 
 
+def field_choices(info: FieldInfo) -> tuple[str, ...] | None:
+    """The choices a setting's declaration lists (`json_schema_extra`), for its validator and its flag."""
+    extra = info.json_schema_extra
+    listed = extra.get("choices") if isinstance(extra, dict) else None
+    return tuple(str(choice) for choice in listed) if isinstance(listed, list) else None
+
+
 class EngineSettings(BaseModel):
     """How to load the model; changing any of these means loading it again.
 
@@ -40,7 +48,7 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: str = Field("auto", json_schema_extra={"choices": BACKENDS},
+    backend: str = Field("auto", json_schema_extra={"choices": list(BACKENDS)},
                          description="auto (openvino on the CPU, transformers on CUDA and Intel GPUs), transformers or openvino")
     model: str = Field(DEFAULT_MODEL, description="hub id, a transformers folder, or a CTranslate2 (faster-whisper) folder")
     device: str = Field("auto", description=f"transformers: {', '.join(DEVICES)}; openvino: {', '.join(OPENVINO_DEVICES)} "
@@ -50,7 +58,7 @@ class EngineSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: all cores)")
     cpu_embedding: bool = Field(False, description="keep the embedding on the CPU (Intel integrated GPUs)")
     batch_size: int = Field(8, ge=1, description="speech windows decoded together")
-    decoder: str = Field("auto", json_schema_extra={"choices": DECODERS},
+    decoder: str = Field("auto", json_schema_extra={"choices": list(DECODERS)},
                          description="transformers: auto, static (batched static-cache decoder, CUDA graphs on NVIDIA "
                                      "GPUs) or generate (transformers' generate())")
     streams: int | None = Field(None, ge=1,

@@ -27,7 +27,7 @@ class RetryPolicy:
 
     def backoff(self, failed_attempts: int) -> float:
         """Delay after the n-th failed attempt (1-based): base, 2 x base, 4 x base, ..."""
-        return self.backoff_seconds * 2 ** max(0, failed_attempts - 1)
+        return self.backoff_seconds * float(2 ** max(0, failed_attempts - 1))
 
     def decide(self, error: str, *, permanent: bool, failed_attempts: int) -> Decision:
         """`failed_attempts` counts the attempt that just failed."""

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -31,7 +31,7 @@ from whisperd.languages import normalize_language
 from whisperd.options import OUTPUT_FORMATS, DecodeOptions
 
 RULE_FILE_NAME = ".whisperd.yaml"
-OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
+OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]  # built from the one list of formats at run time
 
 # A rule file holds a handful of short keys; 64 KiB leaves room for comments and keeps parsing
 # (pure-Python YAML, under the daemon's rules lock) to milliseconds.
@@ -119,12 +119,17 @@ def _all_optional(model: type[BaseModel], name: str) -> Any:
     the constraints and validators stay those of `model`."""
     fields: dict[str, Any] = {}
     for key, info in model.model_fields.items():
-        fields[key] = (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+        annotation: Any = info.annotation
+        fields[key] = (annotation | None, FieldInfo.merge_field_infos(info, default=None))
     return create_model(name, __base__=model, __doc__="Keys a folder may set; unset keys (None) fall through.",
                         **fields)
 
 
-RuleSet = _all_optional(Rules, "RuleSet")
+if TYPE_CHECKING:
+    # For the type checker a RuleSet has the keys of Rules; at run time each may also be None.
+    RuleSet = Rules
+else:
+    RuleSet = _all_optional(Rules, "RuleSet")
 DEFAULT_RULES = RuleSet(**Rules().model_dump())
 
 
@@ -358,9 +363,14 @@ class RuleResolver:
 class InboxSettings(Protocol):
     """The parts of an inbox's configuration that rules need (whisperd.config.InboxConfig)."""
 
-    path: Path
-    rules: RuleSet
-    follow_links_outside: bool
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def rules(self) -> RuleSet: ...
+
+    @property
+    def follow_links_outside(self) -> bool: ...
 
 
 class InboxRules:

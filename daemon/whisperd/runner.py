@@ -17,6 +17,7 @@ it cannot cost other jobs an attempt.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -280,7 +281,7 @@ class JobRunner:
         for job_id, outcome in outcomes.items():
             running = self.running.pop(job_id, None)
             if running is not None:
-                self._guarded(running.job, lambda r=running, o=outcome: self._record_outcome(r, o))
+                self._guarded(running.job, functools.partial(self._record_outcome, running, outcome))
         if not self.running:
             if (waiting := self.waiting_alone) is not None:
                 self.waiting_alone = None

@@ -85,7 +85,7 @@ class SettleTracker:
 
     def __contains__(self, path: object) -> bool:
         with self._lock:
-            return os.fspath(path) in self._candidates  # type: ignore[arg-type]
+            return isinstance(path, (str, os.PathLike)) and os.fspath(path) in self._candidates
 
     def observe(self, path: str | os.PathLike[str], activity: Activity = Activity.SEEN) -> None:
         """Record an event (or a scan sighting) for ``path``; restarts its settle window."""

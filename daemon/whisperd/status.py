@@ -160,7 +160,8 @@ def collect_status(state_dir: Path, failures: int = 10, recent: int = 10,
         db = state_dir / "jobs.sqlite3"
         if not db.exists():
             return report
-        open_store = lambda: SqliteJobStore(db, host_id=report["host_id"] or "status")  # noqa: E731
+        def open_store() -> JobStore:
+            return SqliteJobStore(db, host_id=report["host_id"] or "status")
     try:
         store = open_store()
         report["job_store"] = store.location

@@ -115,7 +115,7 @@ def _move_log_handlers(old: object, new: object) -> None:
     """Point the log handlers that write to `old` at `new` (lines logged during a bar go above it)."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is old:
-            handler.setStream(new)  # type: ignore[arg-type]
+            handler.setStream(new)
 
 
 class _AudioPosition(ProgressColumn):

@@ -27,6 +27,7 @@ state machine itself is whisperd.settle).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat as stat_mod
@@ -561,14 +562,16 @@ class Watcher:
                 else:
                     self.tracker.mark_reported(path, st)
 
+    def _scan_due(self, next_periodic: float) -> bool:
+        """Whether the scan thread should wake: stopping, a scan asked for, or the periodic one due."""
+        return self._stop.is_set() or self._scan_requested > self._scan_completed or self._clock() >= next_periodic
+
     def _scan_loop(self) -> None:
         next_periodic = self._clock() + self.rescan_seconds
         while not self._stop.is_set():
             with self._scan_cond:
                 self._scan_cond.wait_for(
-                    lambda deadline=next_periodic: self._stop.is_set()
-                    or self._scan_requested > self._scan_completed
-                    or self._clock() >= deadline,
+                    functools.partial(self._scan_due, next_periodic),
                     timeout=max(0.0, min(5.0, next_periodic - self._clock())),
                 )
                 if self._stop.is_set():

@@ -54,12 +54,12 @@ class Engine(Protocol):
 
 def create_engine(settings: EngineSettings) -> Engine:
     """Validate the settings (cheap, before any weights load), then load the model once."""
-    from whisperd.devices import check_engine_settings, resolve_backend
+    from whisperd.devices import OpenVINOPlan, check_engine_settings, resolve_backend
     from whisperd.engine.pipeline import WindowedEngine
 
     settings = settings.with_overrides(backend=resolve_backend(settings.backend, settings.device, settings.precision))
     plan = check_engine_settings(settings.backend, settings.device, settings.precision)
-    if settings.backend == "openvino":
+    if isinstance(plan, OpenVINOPlan):
         from whisperd.engine.openvino_backend import OpenVINOBackend
 
         return WindowedEngine(OpenVINOBackend(settings, plan), settings, plan.device)

@@ -20,16 +20,17 @@ import threading
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 Row = TypeVar("Row")
 Result = TypeVar("Result")
+RowIn = TypeVar("RowIn", contravariant=True)  # a decoder only takes rows in
 Tag = TypeVar("Tag", bound=Hashable)
 
 log = logging.getLogger(__name__)
 
 
-class RowDecoder(Protocol[Row, Result]):
+class RowDecoder(Protocol[RowIn, Result]):
     """A batch in flight on a device, row by row (the static-cache decoder, through the backend)."""
 
     @property
@@ -42,7 +43,7 @@ class RowDecoder(Protocol[Row, Result]):
         """Rows in flight."""
         ...
 
-    def admit(self, rows: Sequence[Row], tags: Sequence[object]) -> None: ...
+    def admit(self, rows: Sequence[RowIn], tags: Sequence[object]) -> None: ...
 
     def advance(self) -> list[tuple[object, Result]]:
         """Move the batch on; the rows that finished, with their tags."""
@@ -217,7 +218,8 @@ class SharedBatches(Generic[Row, Result]):
     def _deliver(self, finished: list[tuple[object, Result]]) -> None:
         with self._lock:
             for key, result in finished:
-                entry = self._in_flight.pop(key)  # type: ignore[arg-type]
+                # The keys admit() handed the decoder; any other raises KeyError, which fails the rows in flight.
+                entry = self._in_flight.pop(cast(int, key))
                 self._done(entry)
                 entry.results.put((entry.tag, result))
             self._lock.notify_all()

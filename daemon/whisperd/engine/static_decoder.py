@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +155,9 @@ class StaticCacheDecoder:
 
     CHECK_EVERY = 8  # steps between looks at which rows finished (each look waits for the device)
 
-    def __init__(self, model: torch.nn.Module, rules: TokenRules, *, max_batch: int = 128,
+    def __init__(self, model: Any, rules: TokenRules, *, max_batch: int = 128,
                  use_graphs: bool | None = None) -> None:
+        # transformers' or ipex-llm's Whisper model: its config and modules are read by name.
         self.model = model
         self.rules = rules
         decoder = model.get_decoder()
@@ -176,7 +178,7 @@ class StaticCacheDecoder:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # the step, per bucket
         # Admissions, per group size: the graph and its inputs (features, ints, floats).
         self._load_graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
-        self._load_pool: object | None = None  # torch.cuda.graph_pool_handle()
+        self._load_pool: Any = None  # torch.cuda.graph_pool_handle()
         self._live: _Buffers | None = None  # the bucket the rows in flight are in
         self._occupants: list[object | None] = []  # per slot of that bucket: the caller's tag, None if free
         self.steps_run = 0
@@ -311,7 +313,7 @@ class StaticCacheDecoder:
                            seeds=range(start, stop), fixed_tokens=fixed_tokens)
                 start = stop
             for row, attempt in self.advance():
-                found[row] = attempt  # type: ignore[index]
+                found[cast(int, row)] = attempt  # the tags given to admit() above
         return [attempt for attempt in found if attempt is not None]
 
     def warm_up(self, batch_sizes: Sequence[int], n_mels: int) -> None:
@@ -431,7 +433,7 @@ class StaticCacheDecoder:
         size = features.shape[0]
         captured = self._load_graphs.get(size)
         if captured is None:
-            inputs = (features.clone(), ints.clone(), floats.clone())
+            inputs: tuple[torch.Tensor, ...] = (features.clone(), ints.clone(), floats.clone())
             if self._load_pool is None:
                 self._load_pool = torch.cuda.graph_pool_handle()
             # Loading the same rows again writes the same values, so the runs before the capture
@@ -471,11 +473,11 @@ class StaticCacheDecoder:
         index = self._index(slots)
         ints = torch.cat([buf.prefix_len.unsqueeze(1), buf.generated.unsqueeze(1), buf.sequence], dim=1)
         floats = torch.stack([buf.sum_logprob, buf.no_speech_prob], dim=1)
-        ints, floats = _to_host(ints.index_select(0, index), floats.index_select(0, index))
+        host_ints, host_floats = _to_host(ints.index_select(0, index), floats.index_select(0, index))
         out = []
         for row in range(len(slots)):
-            prefix_len, generated, sequence = ints[row][0], ints[row][1], ints[row][2:]
-            sum_logprob, no_speech = floats[row]
+            prefix_len, generated, sequence = host_ints[row][0], host_ints[row][1], host_ints[row][2:]
+            sum_logprob, no_speech = host_floats[row]
             tokens = tuple(sequence[prefix_len:prefix_len + generated])
             out.append(Attempt(tokens=tokens, avg_logprob=sum_logprob / max(1, generated), no_speech_prob=no_speech))
         return out
@@ -596,7 +598,7 @@ def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return ((h >> 8).float() + 0.5) / 2.0**24  # 24 bits: exact in float32 (Intel GPUs may lack float64)
 
 
-def _capture(run: Callable[[], None], runs_before: int, pool: object | None = None) -> torch.cuda.CUDAGraph:
+def _capture(run: Callable[[], None], runs_before: int, pool: Any = None) -> torch.cuda.CUDAGraph:
     """`run` captured as a CUDA graph, after `runs_before` runs on a side stream that let the
     kernels be chosen outside the capture. Thread-local capture: other threads may use the GPU."""
     stream = torch.cuda.Stream()
@@ -641,7 +643,7 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
-def _to_host(*tensors: torch.Tensor) -> list[list]:
+def _to_host(*tensors: torch.Tensor) -> list[list[Any]]:
     """Device tensors as lists, with one wait for the device for all of them: every wait gives up
     the interpreter lock, and getting it back can take a switch interval with busy threads around."""
     if not tensors or tensors[0].device.type != "cuda":

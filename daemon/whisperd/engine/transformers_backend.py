@@ -48,8 +48,11 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 NOT_QUANTISED: tuple[str, ...] = ("proj_out", "model.encoder.")
 
 
-def load_whisper(model_dir: Path, plan: LoadPlan, cpu_embedding: bool = False) -> torch.nn.Module:
-    """Load the weights as the plan says: ipex-llm low-bit (Intel's documented route) or plain torch."""
+def load_whisper(model_dir: Path, plan: LoadPlan, cpu_embedding: bool = False) -> Any:
+    """Load the weights as the plan says: ipex-llm low-bit (Intel's documented route) or plain torch.
+
+    Returns transformers' WhisperForConditionalGeneration or ipex-llm's version of it (typed Any:
+    its config and generation config are read by name, and neither library types them)."""
     if plan.use_ipex_llm:
         # ipex-llm's last-lm-head shortcut drops the logits that no-speech detection reads (IndexError).
         os.environ.setdefault("IPEX_LLM_LAST_LM_HEAD", "0")
@@ -74,7 +77,7 @@ def load_whisper(model_dir: Path, plan: LoadPlan, cpu_embedding: bool = False) -
     return model.eval()
 
 
-def input_dtype(model: torch.nn.Module) -> torch.dtype:
+def input_dtype(model: Any) -> torch.dtype:
     """The dtype the encoder's first convolution expects (bf16 weights need bf16 features)."""
     return model.get_encoder().conv1.weight.dtype
 
@@ -178,7 +181,7 @@ class TransformersBackend:
     def decode_windows(self, windows: Sequence[np.ndarray], language: str, options: DecodeOptions) -> list[list[Segment]]:
         if self._static_applies(options):
             return self._decode_static(windows, language, options)
-        inputs = self._features(list(windows))
+        inputs: dict[str, Any] = dict(self._features(list(windows)))
         if options.word_timestamps:
             # Align words only against each window's own frames, not the padding up to 30 s.
             inputs["num_frames"] = [max(1, len(w) // HOP_LENGTH) for w in windows]
@@ -200,6 +203,7 @@ class TransformersBackend:
         thresholds = Thresholds(
             compression_ratio=options.compression_ratio_threshold, logprob=options.logprob_threshold,
             no_speech=options.no_speech_threshold if options.logprob_threshold is not None else None)
+        assert self.static is not None  # _static_applies
         rules = self.static.rules
         found = decode_passes(len(windows), passes, options.temperatures, thresholds, rules.timestamp_begin, rules.eos,
                               rules.vocab_size)

@@ -507,7 +507,7 @@ class JobStore(ABC):
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per state (every host's), every state present (zeros included)."""
-        result = dict.fromkeys(STATES, 0)
+        result: dict[str, int] = dict.fromkeys(STATES, 0)
         with self._reading() as tx:
             for state, n in tx.all("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
                 result[JobState(state)] = int(n)

@@ -137,7 +137,7 @@ def safe_url(url: str) -> str:
     except psycopg.Error:
         return "(unparsable URL)"
     params.pop("password", None)
-    host, db, user = params.get("host", ""), params.get("dbname", ""), params.get("user", "")
+    host, db, user = (str(params.get(key, "")) for key in ("host", "dbname", "user"))
     return f"postgresql {user + '@' if user else ''}{host or 'localhost'}/{db}"
 
 
@@ -216,7 +216,7 @@ class PostgresJobStore(JobStore):
                         f"understands ({SCHEMA_VERSION}); upgrade whisperd on every host")
                 for step in range(version, SCHEMA_VERSION):
                     for statement in split_sql(_MIGRATIONS[step]):
-                        conn.execute(statement)  # type: ignore[arg-type]
+                        conn.execute(statement)
                 if row is None:
                     conn.execute("INSERT INTO whisperd_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
                 elif version != SCHEMA_VERSION:
@@ -242,6 +242,8 @@ class PostgresJobStore(JobStore):
 
     _reading = _transaction
 
+    # The hooks below take this store's own transaction type, narrower than the base's Tx protocol:
+    # the base only ever hands a store the transactions it opened (type: ignore[override]).
     def _now(self, tx: _PgTx, now: float | None) -> float:  # type: ignore[override]
         if now is not None:
             return now

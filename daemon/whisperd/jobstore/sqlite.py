@@ -100,7 +100,8 @@ class _SqliteTx:
         self.conn = conn
 
     def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Sequence[Any] | None:
-        return self.conn.execute(sql, params or {}).fetchone()
+        row: Sequence[Any] | None = self.conn.execute(sql, params or {}).fetchone()
+        return row
 
     def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Sequence[Any]]:
         return self.conn.execute(sql, params or {}).fetchall()

@@ -24,7 +24,7 @@ import srt
 from whisperd.atomic import commit, discard, encode_text, stage_bytes
 from whisperd.naming import output_paths
 from whisperd.outputs.cues import build_cues, join_text
-from whisperd.transcript import Segment, Transcript
+from whisperd.transcript import Segment, Transcript, Word
 
 PARAGRAPH_PAUSE = 2.0  # seconds of silence between segments that start a new paragraph in .txt
 RTTM_TURN_GAP = 0.5  # seconds: one speaker's words closer than this are one RTTM turn
@@ -156,7 +156,7 @@ def speaker_turns(segments: Iterable[Segment], *, gap: float = RTTM_TURN_GAP) ->
     for seg in segments:
         if not seg.text.strip():
             continue
-        items = [w for w in seg.words if w.text.strip()] or [seg]
+        items: list[Word | Segment] = [w for w in seg.words if w.text.strip()] or [seg]
         for item in items:
             speaker = item.speaker or seg.speaker
             if speaker is not None:

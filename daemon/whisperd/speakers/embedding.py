@@ -126,7 +126,9 @@ def export_onnx(model: CAMPPlus) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
-        torch.onnx.export(model, torch.zeros(2, 150, FEATURE_DIM), buffer, input_names=["features"],
+        # The exporter writes to a file object too (its documentation says so; its annotation does not).
+        torch.onnx.export(model, (torch.zeros(2, 150, FEATURE_DIM),), buffer,  # type: ignore[arg-type]
+                          input_names=["features"],
                           output_names=["embeddings"], opset_version=17, dynamo=False,
                           dynamic_axes={"features": {0: "batch", 1: "frames"}, "embeddings": {0: "batch"}})
     return buffer.getvalue()

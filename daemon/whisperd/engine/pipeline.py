@@ -284,7 +284,7 @@ class WindowedEngine:
         timings["decode_seconds"] = time.perf_counter() - started
         segments, repairs = clean_segments(segments, duration, options.drop_repeated_segments,
                                            options.compression_ratio_threshold)
-        repairs = Repairs(repairs.loops_collapsed, repairs.repeats_dropped + repeats, repairs.times_repaired)
+        repairs = replace(repairs, repeats_dropped=repeats)
         if embedder is not None:
             started = time.perf_counter()
             segments = label_with(embedder, segments, options.speakers)
@@ -610,7 +610,7 @@ def clean_segments(segments: list[Segment], duration: float, drop_repeats: bool,
             seg = replace(seg, compression_ratio=text_compression_ratio(seg.text))
         kept.append(seg)
     timed, repaired = give_time(kept, duration)
-    return timed, Repairs(loops_collapsed=loops, times_repaired=repaired)
+    return timed, Repairs(loops_collapsed=loops, times_repaired=repaired)  # seams are counted where decoded
 
 
 LOOP_GATE = 2.4  # Whisper's compression-ratio threshold

@@ -154,9 +154,11 @@ def repeated_run(text: str, preceding: str, anywhere: bool = False) -> tuple[str
     """`text` less what repeats `preceding`, and whether anything was taken out.
 
     Each run of REPEATED_RUN_WORDS or more words found in the preceding text is cut out, and all of
-    it goes once REPEAT_FRACTION of its words are such runs. Shorter text goes only when it is a
-    sentence the preceding text ends with ("We are angry." again after "... We are angry."), or
-    with `anywhere`, any sentence of it: people say "yes" twice, windows should not.
+    it goes once REPEAT_FRACTION of its words are such runs. Shorter text goes only when the
+    preceding text ends with it ("Thanks." after "Alright, thanks.": the context before a stretch
+    decoded again, transcribed twice), when it is the preceding text's last sentence ("We are
+    angry." after "... We are angry."), or with `anywhere`, any sentence of it: people say "yes"
+    twice, windows should not.
     """
     tokens, keys = _keyed(text)
     before = comparable(preceding).split()
@@ -164,7 +166,8 @@ def repeated_run(text: str, preceding: str, anywhere: bool = False) -> tuple[str
         return text, False
     sentences = _sentences(preceding)
     said = comparable(text)
-    if said in (sentences if anywhere else sentences[-1:]) or before[-len(said.split()):] == said.split():
+    said_words = said.split()
+    if said in (sentences if anywhere else sentences[-1:]) or before[-len(said_words):] == said_words:
         return "", True
     # One key may hold two words ("cold-hearted"): compare word by word, remember the token.
     words = [(index, word) for index, key in enumerate(keys) for word in key.split()]
